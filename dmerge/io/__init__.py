@@ -1,0 +1,1 @@
+"""I/O at the edges: safetensors headers, byte-range reads, positional writes."""

@@ -1,0 +1,164 @@
+"""What one task does: read parent rows by byte range, merge, write output bytes.
+
+These functions run on Dask workers. Their arguments are small (a TensorPlan and a row
+range); tensor data is read here from where the parents live and written here to its
+planned offset, so it never passes through the scheduler or the client.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dmerge.errors import MergeExecutionError
+from dmerge.io import storage
+from dmerge.io.output import write_range
+from dmerge.io.safetensors_format import DTYPES, itemsize
+from dmerge.methods import ChunkInputs, get_method
+from dmerge.numerics import round_to
+
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Rows ``[row_start, row_stop)`` of one planned tensor, and where its output goes."""
+
+    tensor: Any  # TensorPlan
+    row_start: int
+    row_stop: int
+    out_path: str
+    compute_dtype: str = "float64"
+    device: str = "cpu"
+    seed: int = 0
+    allow_nan: bool = False
+
+
+def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[bytearray, int]:
+    """Raw bytes of rows [row_start, row_stop) of a tensor: one ranged read."""
+    row_bytes = entry.row_bytes
+    buf = bytearray((row_stop - row_start) * row_bytes)
+    storage.read_range_into(file, entry.begin + row_start * row_bytes, memoryview(buf))
+    return buf, len(buf)
+
+
+def _as_tensor(buf: bytearray, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not buf:
+        return torch.empty(shape, dtype=DTYPES[code])
+    return torch.frombuffer(buf, dtype=DTYPES[code]).reshape(shape)
+
+
+def _row_shape(tensor, rows: int) -> tuple[int, ...]:
+    return (rows,) + tuple(tensor.shape[1:]) if tensor.shape else ()
+
+
+def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
+    """Read every parent's rows and widen them to the compute dtype."""
+    tp = job.tensor
+    dtype = COMPUTE_DTYPES[job.compute_dtype]
+    shape = _row_shape(tp, job.row_stop - job.row_start)
+    tensors = []
+    nread = 0
+    for src in tp.sources:
+        buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
+        nread += n
+        t = _as_tensor(buf, src.entry.dtype, shape)
+        tensors.append(t.to(device=job.device, dtype=dtype))
+    inputs = ChunkInputs(
+        tensor_name=tp.name,
+        tensors=tensors,
+        base_index=tp.base_index,
+        params=tp.params,
+        model_params=tp.model_params,
+        full_shape=tp.shape,
+        row_start=job.row_start,
+        row_stop=job.row_stop,
+        seed=job.seed,
+    )
+    return inputs, nread
+
+
+def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None) -> Any:
+    """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``)."""
+    method = get_method(job.tensor.method)
+    inputs, _ = load_inputs(job)
+    inputs.stats = dict(prior or {})
+    return method.statistics[stat_index].chunk(inputs)
+
+
+def finalize_statistic(tensor, stat_index: int, prior: dict | None, partials: list) -> dict:
+    """Combine the chunk partials of one statistic; returns all statistics so far."""
+    method = get_method(tensor.method)
+    stat = method.statistics[stat_index]
+    context = ChunkInputs(
+        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
+        model_params=tensor.model_params, full_shape=tensor.shape,
+    )
+    context.stats = dict(prior or {})
+    out = dict(prior or {})
+    out[stat.name] = stat.final(stat.combine_all(partials), context)
+    return out
+
+
+def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
+    """Merge one chunk and write it to its place. Returns (bytes read, bytes written).
+
+    With ``stats`` None for a method that needs statistics, the chunk must be the whole
+    tensor: the statistics are computed here from the same data (no second read).
+    """
+    tp = job.tensor
+    out_offset = tp.offset + job.row_start * tp.row_bytes
+    if tp.copy_bytes:
+        src = tp.sources[0]
+        buf, nread = read_rows(src.file, src.entry, job.row_start, job.row_stop)
+        write_range(job.out_path, out_offset, memoryview(buf))
+        return nread, len(buf)
+
+    method = get_method(tp.method)
+    inputs, nread = load_inputs(job)
+    if stats is None and method.statistics:
+        if (job.row_start, job.row_stop) != (0, tp.rows):
+            raise RuntimeError(f"{tp.name}: statistics missing for a partial chunk")
+        stats = {}
+        for stat in method.statistics:
+            inputs.stats = dict(stats)
+            partial = stat.chunk(inputs)
+            stats[stat.name] = stat.final(stat.combine_all([partial]), inputs)
+    inputs.stats = dict(stats or {})
+    with torch.no_grad():
+        result = method.fn(inputs)
+    expected = _row_shape(tp, job.row_stop - job.row_start)
+    if tuple(result.shape) != expected:
+        raise MergeExecutionError(f"{tp.name}: {tp.method} returned shape {list(result.shape)}, expected {list(expected)}")
+    out = round_to(result, DTYPES[tp.dtype]).contiguous().cpu()
+    if not job.allow_nan and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise MergeExecutionError(
+            f"output tensor {tp.name} has {bad} NaN/Inf values (rows {job.row_start}-{job.row_stop}); "
+            "use --allow-nan to write them anyway"
+        )
+    data = _bytes_of(out)
+    expected_bytes = (job.row_stop - job.row_start) * tp.row_bytes
+    if len(data) != expected_bytes:
+        raise MergeExecutionError(f"{tp.name}: produced {len(data)} bytes, expected {expected_bytes}")
+    write_range(job.out_path, out_offset, data)
+    return nread, len(data)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    if t.numel() == 0:
+        return memoryview(b"")
+    flat = t.reshape(-1)
+    size = itemsize_of(t.dtype)
+    view_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+    return memoryview(flat.view(view_dtype).numpy()).cast("B")
+
+
+def itemsize_of(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "read_rows", "itemsize", "math"]

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny Llama-shaped families written on the fly (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dmerge.toymodels import LlamaShape, write_family
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+TINY = LlamaShape(hidden=64, layers=4, intermediate=96, heads=4, kv_heads=2, vocab=128)
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, str]:
+    """base + ft1 + ft2 + ft3, bf16, the fine-tunes written as 3 shards each."""
+    root = tmp_path_factory.mktemp("family")
+    folders = write_family(str(root), TINY, n_fine_tunes=3, shard_bytes=60_000)
+    return dict(zip(["base", "ft1", "ft2", "ft3"], folders))
+
+
+def load_folder(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder (single file or shards)."""
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(single):
+        return load_file(single)
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    out = {}
+    for s in shards:
+        out.update(load_file(os.path.join(folder, s)))
+    return out
+
+
+def shard_bytes(folder: str) -> dict[str, bytes]:
+    """Raw bytes of every safetensors file in a folder (for byte-identity checks)."""
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder)) if n.endswith(".safetensors")}
+
+
+def write_recipe(path, text: str) -> str:
+    path = str(path)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def run_merge(recipe_path: str, out_dir: str, *extra: str) -> None:
+    """Run `dmerge run` in-process through the CLI (click's test runner)."""
+    from click.testing import CliRunner
+
+    from dmerge.cli import main
+
+    result = CliRunner().invoke(main, ["run", recipe_path, out_dir, "--quiet", *extra], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bf16 numbers at |x| (float64)."""
+    x = x.double().abs()
+    exp = torch.floor(torch.log2(torch.where(x > 0, x, torch.full_like(x, 2.0**-126))))
+    exp = torch.clamp(exp, min=-126)
+    return torch.pow(2.0, exp - 7)
