@@ -66,3 +66,28 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     exp = torch.floor(torch.log2(torch.where(x > 0, x, torch.full_like(x, 2.0**-126))))
     exp = torch.clamp(exp, min=-126)
     return torch.pow(2.0, exp - 7)
+
+
+def compare_with_mergekit(ours: dict, theirs: dict, reference=None, max_off_fraction: float = 1e-3) -> int:
+    """Assert dmerge's output agrees with mergekit's within one bf16 step per element.
+
+    Elements further apart are allowed only where dmerge is the one that is right:
+    within half an ulp (plus float64 slack) of ``reference(name)`` (float64 tensor), which
+    is then mergekit's own float32 arithmetic being off. Returns how many such elements.
+    """
+    assert ours.keys() == theirs.keys(), set(ours) ^ set(theirs)
+    off = total = 0
+    for name in ours:
+        a, b = ours[name].double(), theirs[name].double()
+        assert ours[name].dtype == theirs[name].dtype, name
+        far = (a - b).abs() > bf16_ulp(torch.maximum(a.abs(), b.abs())) * 1.0001
+        total += a.numel()
+        if bool(far.any()):
+            assert reference is not None, f"{name}: {int(far.sum())} elements differ by more than one bf16 step"
+            r = reference(name)[far]
+            err = (a[far] - r).abs()
+            slack = 0.5 * bf16_ulp(a[far]) + 1e-12 * r.abs().clamp(min=1e-30) + 1e-15
+            assert bool((err <= slack).all()), f"{name}: dmerge differs from mergekit and from the float64 reference"
+            off += int(far.sum())
+    assert off <= max_off_fraction * total, f"{off} of {total} elements differ from mergekit"
+    return off

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import bf16_ulp, load_folder, run_merge, shard_bytes, write_recipe
+from conftest import bf16_ulp, compare_with_mergekit, load_folder, run_merge, shard_bytes, write_recipe
 
 
 def _reference(family, fn):
@@ -191,3 +191,41 @@ def test_transformers_loads_output(family, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert logits.shape == (1, 4, 128) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_agrees_with_mergekit(family, tmp_path, method):
+    from mergekit_oracle import run_mergekit
+
+    text = f"""
+merge_method: {method}
+base_model: {family['base']}
+models:
+  - model: {family['ft1']}
+    parameters:
+      weight: [0.2, 0.8]
+  - model: {family['ft2']}
+    parameters:
+      weight:
+        - filter: mlp
+          value: -0.3
+        - value: 0.5
+  - model: {family['base']}
+    parameters: {{weight: 0.4}}
+dtype: bfloat16
+"""
+    recipe = write_recipe(tmp_path / "r.yml", text)
+    run_merge(recipe, str(tmp_path / "ours"))
+    run_mergekit(text, str(tmp_path / "theirs"))
+    ours, theirs = load_folder(str(tmp_path / "ours")), load_folder(str(tmp_path / "theirs"))
+    parents = {k: load_folder(v) for k, v in family.items()}
+
+    def reference(name):
+        t = _layer_t(name)
+        w = {"ft1": 0.2 + 0.6 * t, "ft2": -0.3 if "mlp" in name else 0.5, "base": 0.4}
+        x = {k: parents[k][name].double() for k in w}
+        if method == "linear":
+            return sum(w[k] * x[k] for k in w) / sum(w.values())
+        return x["base"] + sum(w[k] * (x[k] - x["base"]) for k in ("ft1", "ft2"))
+
+    compare_with_mergekit(ours, theirs, reference)
