@@ -81,9 +81,19 @@ def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
     return inputs, nread
 
 
+def _context(tensor, prior: dict | None, seed: int = 0) -> ChunkInputs:
+    """A ChunkInputs without tensor data: parameters, shape and the statistics so far."""
+    return ChunkInputs(
+        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
+        model_params=tensor.model_params, full_shape=tensor.shape, stats=dict(prior or {}), seed=seed,
+    )
+
+
 def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None) -> Any:
     """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``)."""
     method = get_method(job.tensor.method)
+    if not method.statistics[stat_index].needed(_context(job.tensor, prior, job.seed)):
+        return None  # not needed for this tensor: nothing is read
     inputs, _ = load_inputs(job)
     inputs.stats = dict(prior or {})
     return method.statistics[stat_index].chunk(inputs)
@@ -93,13 +103,9 @@ def finalize_statistic(tensor, stat_index: int, prior: dict | None, partials: li
     """Combine the chunk partials of one statistic; returns all statistics so far."""
     method = get_method(tensor.method)
     stat = method.statistics[stat_index]
-    context = ChunkInputs(
-        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
-        model_params=tensor.model_params, full_shape=tensor.shape,
-    )
-    context.stats = dict(prior or {})
+    context = _context(tensor, prior)
     out = dict(prior or {})
-    out[stat.name] = stat.final(stat.combine_all(partials), context)
+    out[stat.name] = stat.final(stat.combine_all(partials), context) if stat.needed(context) else None
     return out
 
 
@@ -125,6 +131,9 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
         stats = {}
         for stat in method.statistics:
             inputs.stats = dict(stats)
+            if not stat.needed(inputs):
+                stats[stat.name] = None
+                continue
             partial = stat.chunk(inputs)
             stats[stat.name] = stat.final(stat.combine_all([partial]), inputs)
     inputs.stats = dict(stats or {})

@@ -149,12 +149,22 @@ class ChunkInputs:
 
 @dataclass(frozen=True)
 class Statistic:
-    """A tensor-wide number, reduced across chunks: chunk -> combine -> finalize."""
+    """A tensor-wide number, reduced across chunks: chunk -> combine -> finalize.
+
+    ``when`` (optional) says whether this tensor needs the statistic at all, from a
+    context holding its parameters and the earlier statistics in ``stats`` (no tensor
+    data). When it answers False the statistic's value is None and no chunk is read for
+    it, so e.g. a rescale norm costs nothing when ``rescale`` is off.
+    """
 
     name: str
     chunk: Callable[[ChunkInputs], Any]
     combine: Callable[[list[Any]], Any] = None  # type: ignore[assignment]
     finalize: Callable[[Any, ChunkInputs], Any] = None  # type: ignore[assignment]
+    when: Callable[[ChunkInputs], bool] | None = None
+
+    def needed(self, context: ChunkInputs) -> bool:
+        return self.when is None or bool(self.when(context))
 
     def combine_all(self, partials: list[Any]) -> Any:
         return (self.combine or _sum_partials)(partials)

@@ -1,0 +1,157 @@
+"""Generalized task arithmetic: the family of task_arithmetic, TIES, DARE, breadcrumbs, DELLA.
+
+For every non-base model i (weight ``w_i``):
+
+    tau_i = x_i - base
+    tau_i = sparsify(tau_i)                 # keep-mask, see dmerge/methods/_sparsify.py
+    tau_i = tau_i * l1(tau) / l1(kept)      # rescale: true (whole-tensor l1 norms)
+    d_i   = w_i * tau_i
+
+then, without sign consensus::
+
+    out = base + lambda * sum_i d_i  [/ sum_i w_i   if normalize and |sum_i w_i| >= 1e-8]
+
+and with TIES sign consensus (elect the sign of sum_i d_i, element by element; a
+model contributes where its d_i has that sign, zero counts as no sign)::
+
+    agree_i = sign(d_i) == (sum_j d_j >= 0 ? +1 : -1)
+    out     = base + lambda * sum_i agree_i d_i  [/ sum_i agree_i w_i (0 -> 1)   if normalize]
+
+A recipe with no non-base model gives the base. ``int8_mask`` only changes the dtype
+of mergekit's mask tensor and is accepted without effect.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from dmerge.methods import ChunkInputs, Param, merge_method
+from dmerge.methods._sparsify import ALL, BLOCK, NONE, Sparsifier, non_base_indices, rescale_statistic, task_vectors
+
+def gta_params(*, normalize: bool, rescale: bool) -> list[Param]:
+    return [
+        Param("normalize", kind=bool, default=normalize, doc="divide by the sum of (agreeing) weights"),
+        Param("rescale", kind=bool, default=rescale,
+              doc="scale each sparsified task vector back to its l1 norm over the whole tensor"),
+        Param("lambda", default=1.0, doc="scale of the merged task vector"),
+        Param("int8_mask", kind=bool, default=False, doc="accepted for compatibility; no effect"),
+    ]
+
+
+def gta_model_params(extra: tuple[Param, ...] = ()) -> list[Param]:
+    return [
+        Param("weight", required=True, for_base=False, doc="coefficient of this model's task vector"),
+        Param("density", default=1.0, minimum=0.0, maximum=1.0, for_base=False,
+              doc="fraction of the task vector kept"),
+        *extra,
+    ]
+
+
+def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus: bool) -> torch.Tensor:
+    """The family's formula above, on one chunk.
+
+    Keep-masks are computed for the whole chunk (one byte per element); the float64 part
+    then runs block by block (``BLOCK`` elements, small enough to stay in cache), writing
+    into the base tensor, which becomes the result. Task vectors are modified in place.
+    """
+    base = x.base
+    idx = non_base_indices(x)
+    if not idx:
+        return base
+    tvs = task_vectors(x)
+    factors = x.stats.get("rescale") or {}
+    weights = [x.model_params[i]["weight"] for i in idx]
+    keeps, scales = [], []
+    for i in idx:
+        keep = sparsifier.mask(x, i, tvs[i]) if sparsifier is not None else ALL
+        keeps.append(keep.reshape(-1) if isinstance(keep, torch.Tensor) else keep)
+        scales.append(factors.get(i, 1.0) if keep is not ALL else 1.0)
+    flats = [tvs[i].reshape(-1) for i in idx]
+    out = base.reshape(-1)
+    normalize, lam = x.params["normalize"], x.params["lambda"]
+    total = sum(weights)
+    divisors = _agreeing_weight_sums(weights, base) if consensus and normalize and len(weights) <= 12 else None
+    ones = torch.ones(min(BLOCK, out.numel()), dtype=base.dtype, device=base.device) if consensus else None
+    for s in range(0, out.numel(), BLOCK):
+        blk = slice(s, s + BLOCK)
+        ds = []
+        for d, keep, f, w in zip(flats, keeps, scales, weights):
+            d = d[blk]
+            if keep is NONE:
+                d.zero_()
+            elif keep is not ALL:
+                d.mul_(keep[blk])
+            if f != 1.0:
+                d.mul_(f)
+            ds.append(d.mul_(w))
+        mixed = ds[0].clone() if consensus else ds[0]
+        for d in ds[1:]:
+            mixed.add_(d)
+        if consensus:
+            # Elected sign sg of the summed task vector (copysign: -0.0 only arises when
+            # every term is zero, where the sign does not matter). A model agrees where
+            # sg * d_i > 0, and sg * sum_i relu(sg * d_i) == sum_i agree_i d_i exactly.
+            sg = torch.copysign(ones[: mixed.numel()], mixed)
+            mixed.zero_()
+            if divisors is not None:
+                code = torch.zeros(mixed.shape, dtype=torch.int32, device=mixed.device)
+            elif normalize:
+                divisor = torch.zeros_like(mixed)
+            for bit, (d, w) in enumerate(zip(ds, weights)):
+                d.mul_(sg)
+                if divisors is not None:
+                    code.add_((d > 0).to(torch.int32).bitwise_left_shift_(bit))
+                elif normalize:
+                    divisor.add_((d > 0).to(d.dtype).mul_(w))
+                mixed.add_(d.clamp_(min=0))
+            mixed.mul_(sg)
+            if divisors is not None:
+                mixed.div_(divisors.index_select(0, code))
+            elif normalize:
+                mixed.div_(divisor.add_(divisor == 0))  # no agreeing model: divide by 1
+        elif normalize and abs(total) >= 1e-8:  # as mergekit: a (near-)zero divisor is treated as 1
+            mixed.div_(total)
+        if lam != 1:
+            mixed.mul_(lam)
+        out[blk].add_(mixed)
+    return base
+
+
+def _agreeing_weight_sums(weights: list[float], like: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i [bit i of c] for every agreement pattern c, summed in model order as
+    mergekit does (0 becomes 1: with no agreeing model the sum is not divided)."""
+    table = []
+    for c in range(1 << len(weights)):
+        acc = 0.0
+        for bit, w in enumerate(weights):
+            acc = acc + (w if c >> bit & 1 else 0.0)
+        table.append(acc if acc != 0 else 1.0)
+    return torch.tensor(table, dtype=like.dtype, device=like.device)
+
+
+def register_gta(name: str, *, sparsifier: Sparsifier | None, consensus: bool, normalize: bool, rescale: bool,
+                 reference: str, doc: str, extra_model_params: tuple[Param, ...] = (), work_tensors: int = 4,
+                 check: Callable | None = None) -> Callable:
+    """Register one member of the family as merge method ``name``."""
+    statistics = []
+    if sparsifier is not None:
+        statistics = sparsifier.statistics() + [rescale_statistic(sparsifier)]
+
+    def method(x: ChunkInputs) -> torch.Tensor:
+        return merge_task_vectors(x, sparsifier, consensus)
+
+    method.__doc__ = doc
+    method.__name__ = name
+    return merge_method(
+        name,
+        requires_base=True,
+        params=gta_params(normalize=normalize, rescale=rescale),
+        model_params=gta_model_params(extra_model_params),
+        statistics=statistics,
+        work_tensors=work_tensors,
+        random=sparsifier is not None and sparsifier.random,
+        check=check,
+        reference=reference,
+    )(method)
