@@ -33,13 +33,13 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     low = bits & ((1 << dropped) - 1)
     tie = low == (1 << (dropped - 1))
     if bool(tie.any()):
-        back = f32.to(torch.float64)
-        bigger = x.abs() > back.abs()  # true value is beyond the midpoint: round away
-        smaller = x.abs() < back.abs()
-        nudge = tie & bigger
-        bits = torch.where(nudge, bits + 1, bits)
-        bits = torch.where(tie & smaller, bits - 1, bits)
-        f32 = bits.view(torch.float32)
+        # only the (rare) tied elements are looked at: no full-size temporaries
+        idx = tie.reshape(-1).nonzero().squeeze(1)
+        true = x.reshape(-1)[idx].abs()
+        back = f32.reshape(-1)[idx].to(torch.float64).abs()
+        # true value beyond the midpoint: round away (+1 ulp of float32), short of it: -1
+        step = (true > back).to(torch.int32) - (true < back).to(torch.int32)
+        bits.reshape(-1).index_add_(0, idx, step)
     return f32.to(dtype)
 
 

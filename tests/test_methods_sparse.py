@@ -705,3 +705,78 @@ def test_methods_registered_with_mergekit_defaults():
     assert get_method("della").param("epsilon").default == 0.15
     sce = get_method("sce")
     assert sce.param("select_topk").default == 1.0 and sce.param("weight") is None
+
+
+# ---------------------------------------------------------------------------------------
+# engine-free: the methods' statistics and chunks driven directly, on CPU and on CUDA
+
+
+def _method_params(name: str) -> tuple[dict, list[dict]]:
+    m = get_method(name)
+    params = {p.name: p.default for p in m.params}
+    if name == "sce":
+        params["select_topk"] = 0.4
+    model_params = []
+    for i, (w, d) in enumerate(((0.5, 0.4), (-0.3, 0.6), (0.4, 0.3))):
+        mp = {p.name: p.default for p in m.model_params}
+        mp.update({k: v for k, v in (("weight", w), ("density", d), ("gamma", 0.05), ("epsilon", 0.1)) if k in mp})
+        model_params.append(mp)
+    model_params.append({p.name: None for p in m.model_params})  # the base
+    if name in ("ties", "dare_ties"):
+        params["rescale"] = True
+    return params, model_params
+
+
+def _emulate(name: str, tensors: list, device: str, row_splits: list, seed: int = 5) -> torch.Tensor:
+    """What the engine does for one tensor, chunk by chunk; returns the bf16 result."""
+    from dmerge.numerics import round_to
+
+    method = get_method(name)
+    params, model_params = _method_params(name)
+    shape = tuple(tensors[0].shape)
+    bounds = [0, *row_splits, shape[0]]
+
+    def chunk(r0, r1, stats):
+        return ChunkInputs(tensor_name="w", tensors=[t[r0:r1].to(device, copy=True) for t in tensors], base_index=3,
+                           params=params, model_params=model_params, full_shape=shape, row_start=r0,
+                           row_stop=r1, stats=dict(stats), seed=seed)
+
+    stats: dict = {}
+    for stat in method.statistics:
+        ctx = ChunkInputs(tensor_name="w", tensors=[], base_index=3, params=params, model_params=model_params,
+                          full_shape=shape, stats=dict(stats), seed=seed)
+        if not stat.needed(ctx):
+            stats[stat.name] = None
+            continue
+        partials = [stat.chunk(chunk(r0, r1, stats)) for r0, r1 in zip(bounds, bounds[1:])]
+        stats[stat.name] = stat.final(stat.combine_all(partials[::-1]), ctx)
+    outs = [round_to(method.fn(chunk(r0, r1, stats)), torch.bfloat16).cpu() for r0, r1 in zip(bounds, bounds[1:])]
+    return torch.cat(outs)
+
+
+ENGINE_FREE = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce",
+               "task_arithmetic"]
+
+
+def _engine_free_inputs():
+    g = torch.Generator().manual_seed(9)
+    base = (0.02 * torch.randn(96, 200, generator=g)).to(torch.bfloat16)
+    fts = [(base.float() + 0.005 * torch.randn(96, 200, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    return [t.double() for t in (*fts, base)]
+
+
+@pytest.mark.parametrize("name", ENGINE_FREE)
+def test_engine_free_chunking(name):
+    tensors = _engine_free_inputs()
+    whole = _emulate(name, tensors, "cpu", [])
+    for splits in ([1], [5, 40, 41, 90]):
+        assert torch.equal(_emulate(name, tensors, "cpu", splits).view(torch.int16), whole.view(torch.int16)), splits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ENGINE_FREE)
+def test_cuda_gives_the_cpu_bytes(name):
+    tensors = _engine_free_inputs()
+    cpu = _emulate(name, tensors, "cpu", [])
+    for splits in ([], [7, 50]):
+        assert torch.equal(_emulate(name, tensors, "cuda", splits).view(torch.int16), cpu.view(torch.int16)), splits

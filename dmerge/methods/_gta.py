@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
-from dmerge.methods._sparsify import ALL, BLOCK, NONE, Sparsifier, non_base_indices, rescale_statistic, task_vectors
+from dmerge.methods._sparsify import ALL, NONE, Sparsifier, block_size, non_base_indices, rescale_statistic, task_vectors
 
 def gta_params(*, normalize: bool, rescale: bool) -> list[Param]:
     return [
@@ -53,7 +53,7 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
     """The family's formula above, on one chunk.
 
     Keep-masks are computed for the whole chunk (one byte per element); the float64 part
-    then runs block by block (``BLOCK`` elements, small enough to stay in cache), writing
+    then runs block by block (on a CPU small enough to stay in cache), writing
     into the base tensor, which becomes the result. Task vectors are modified in place.
     """
     base = x.base
@@ -73,9 +73,10 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
     normalize, lam = x.params["normalize"], x.params["lambda"]
     total = sum(weights)
     divisors = _agreeing_weight_sums(weights, base) if consensus and normalize and len(weights) <= 12 else None
-    ones = torch.ones(min(BLOCK, out.numel()), dtype=base.dtype, device=base.device) if consensus else None
-    for s in range(0, out.numel(), BLOCK):
-        blk = slice(s, s + BLOCK)
+    step = block_size(out)
+    ones = torch.ones(min(step, out.numel()), dtype=base.dtype, device=base.device) if consensus else None
+    for s in range(0, out.numel(), step):
+        blk = slice(s, s + step)
         ds = []
         for d, keep, f, w in zip(flats, keeps, scales, weights):
             d = d[blk]

@@ -39,11 +39,18 @@ from dmerge.methods.base import ChunkInputs, Statistic
 # float64 blocks stay in a core's L2 cache (elementwise work, so any block size gives
 # the same bits).
 BLOCK = 1 << 16
-_SLICE = BLOCK
+KEY_BLOCK = 1 << 20  # elements per step of the integer key passes (radix select)
+GPU_BLOCK = 1 << 24  # on a GPU, large steps: kernel launches, not caches, are the cost
+
+
+def block_size(t: torch.Tensor, cpu_block: int = BLOCK) -> int:
+    """Elements per step for work on ``t``'s device."""
+    return cpu_block if t.device.type == "cpu" else GPU_BLOCK
+
 
 # ---------------------------------------------------------------------------------------
 # Per-ChunkInputs cache: with a single-chunk tensor the statistics and the method run on
-# the same ChunkInputs, so task vectors and selection keys are computed once.
+# the same ChunkInputs, so task vectors are computed once.
 
 
 def cache(x: ChunkInputs) -> dict:
@@ -133,8 +140,9 @@ def keyed_keep(x: ChunkInputs, model_index: int, like: torch.Tensor, p: float | 
     n = like.numel()
     keep = torch.empty(n, dtype=torch.bool, device=like.device)
     flat_p = p.reshape(-1) if isinstance(p, torch.Tensor) else None
-    for s in range(0, n, _SLICE):
-        e = min(n, s + _SLICE)
+    step = block_size(like)
+    for s in range(0, n, step):
+        e = min(n, s + step)
         u = keyed_uniform(key, x.element_offset + s, e - s, like.device)
         torch.lt(u, flat_p[s:e] if flat_p is not None else p, out=keep[s:e])
     return keep.reshape(like.shape)
@@ -160,14 +168,15 @@ def exact_sum_partial(values: torch.Tensor, *, absolute: bool = False, square: b
     flat = values.reshape(-1)
     flat_mask = mask.reshape(-1) if mask is not None else None
     parts = []
-    for s in range(0, flat.numel(), _SLICE):
-        v = flat[s: s + _SLICE].to(torch.float64)
+    step = block_size(flat)
+    for s in range(0, flat.numel(), step):
+        v = flat[s: s + step].to(torch.float64)
         if absolute:
             v = v.abs()
         elif square:
             v = v.square()
         if flat_mask is not None:
-            v = v * flat_mask[s: s + _SLICE]
+            v = v * flat_mask[s: s + step]
         parts.append(_exact_sum_slice(v))
     return exact_sum_combine(parts)
 
@@ -260,37 +269,44 @@ def _locate(hist: torch.Tensor, rank: int) -> tuple[int, int]:
 class RankSelect:
     """Keep the elements of descending rank ``[lo, hi)`` by key, per selection id.
 
-    ``keys(x)`` returns ``{id: int32 key tensor}`` for the chunk (non-negative keys whose
-    integer order is the ranking order); ``wanted(ctx)`` the ids that may need selecting
-    (from parameters alone); ``window(ctx, id, n, nonzero)`` the rank window ``(lo, hi)``
-    for ``n`` elements of which ``nonzero`` have a non-zero key. Two statistics named
-    ``{name}_coarse`` and ``{name}_fine`` do the selection; :meth:`mask` applies it.
+    ``key_block(x, id, start, stop)`` returns the int32 keys of flat elements
+    ``[start, stop)`` of the chunk (non-negative, ordered like the ranking);
+    ``wanted(ctx)`` the ids that may need selecting (from parameters alone);
+    ``window(ctx, id, n, nonzero)`` the rank window ``(lo, hi)`` for ``n`` elements of
+    which ``nonzero`` have a non-zero key. Two statistics named ``{name}_coarse`` and
+    ``{name}_fine`` do the selection; :meth:`mask` applies it. Keys are computed block by
+    block (``KEY_BLOCK`` elements), never for a whole chunk at once.
     """
 
-    def __init__(self, name: str, keys: Callable[[ChunkInputs, list], dict], wanted: Callable[[ChunkInputs], list],
-                 window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]]):
+    def __init__(self, name: str, key_block: Callable[[ChunkInputs, Any, int, int], torch.Tensor],
+                 wanted: Callable[[ChunkInputs], list], window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]]):
         self.name = name
-        self.keys = keys
+        self.key_block = key_block
         self.wanted = wanted
         self.window = window
         self.coarse_name = f"{name}_coarse"
         self.fine_name = f"{name}_fine"
 
-    # -- cached keys ----------------------------------------------------------------------
-
-    def chunk_keys(self, x: ChunkInputs, ids: list) -> dict:
-        c = cache(x).setdefault(f"keys:{self.name}", {})
-        missing = [i for i in ids if i not in c]
-        if missing:
-            c.update(self.keys(x, missing))
-        return {i: c[i] for i in ids}
+    @staticmethod
+    def _blocks(x: ChunkInputs):
+        n = x.tensors[0].numel()
+        step = block_size(x.tensors[0], KEY_BLOCK)
+        for s in range(0, n, step):
+            yield s, min(n, s + step)
 
     # -- stage 1 --------------------------------------------------------------------------
 
     def _coarse_chunk(self, x: ChunkInputs) -> dict:
         out = {}
-        for i, k in self.chunk_keys(x, self.wanted(x)).items():
-            out[i] = (_sparse_counts(k >> COARSE_SHIFT, COARSE_BINS), int(torch.count_nonzero(k)))
+        for i in self.wanted(x):
+            hist = torch.zeros(COARSE_BINS, dtype=torch.int64)
+            nonzero = 0
+            for s, e in self._blocks(x):
+                k = self.key_block(x, i, s, e)
+                nonzero += int(torch.count_nonzero(k))
+                hist += torch.bincount(k.bitwise_right_shift_(COARSE_SHIFT), minlength=COARSE_BINS).cpu()
+            nz = hist.nonzero().squeeze(1)
+            out[i] = ((nz, hist[nz]), nonzero)
         return out
 
     @staticmethod
@@ -325,16 +341,23 @@ class RankSelect:
 
     def _fine_chunk(self, x: ChunkInputs) -> dict:
         coarse = x.stats[self.coarse_name]
-        ids = [i for i, r in coarse.items() if isinstance(r, dict)]
         out = {}
-        for i, k in self.chunk_keys(x, ids).items():
-            for b in {t["bin"] for t in coarse[i]["targets"]}:
-                # low bits of the keys inside bucket b; keys outside land in the two
-                # sentinel bins (0 and FINE_BINS + 1), which are dropped
-                low = (k - (b << COARSE_SHIFT)).clamp_(-1, FINE_BINS).add_(1)
-                idx, cnt = _sparse_counts(low, FINE_BINS + 2)
-                inside = (idx > 0) & (idx <= FINE_BINS)
-                out[(i, b)] = (idx[inside] - 1, cnt[inside])
+        for i, r in coarse.items():
+            if not isinstance(r, dict):
+                continue
+            bins = sorted({t["bin"] for t in r["targets"]})
+            hists = {b: torch.zeros(FINE_BINS + 2, dtype=torch.int64) for b in bins}
+            for s, e in self._blocks(x):
+                k = self.key_block(x, i, s, e)
+                for b in bins:
+                    # low bits of the keys inside bucket b, shifted by one; keys outside
+                    # land in the sentinel bins 0 and FINE_BINS + 1, dropped below
+                    low = (k - (b << COARSE_SHIFT)).clamp_(-1, FINE_BINS).add_(1)
+                    hists[b] += torch.bincount(low, minlength=FINE_BINS + 2).cpu()
+            for b, h in hists.items():
+                h = h[1:-1]
+                nz = h.nonzero().squeeze(1)
+                out[(i, b)] = (nz, h[nz])
         return {x.row_start: out}
 
     @staticmethod
@@ -393,30 +416,36 @@ class RankSelect:
             return coarse[i]
         return ALL
 
-    def mask(self, x: ChunkInputs, i, key: torch.Tensor | None = None) -> torch.Tensor | str:
-        """Boolean keep-mask of this chunk for selection id ``i``, or ALL / NONE."""
+    def mask(self, x: ChunkInputs, i) -> torch.Tensor | str:
+        """Keep-mask of this chunk (flat bool tensor) for selection id ``i``, or ALL / NONE.
+
+        Keys strictly inside the window's thresholds are kept; keys equal to a threshold
+        get consecutive ranks in flat-index order, continuing from the chunks before.
+        """
         r = self.result(x, i)
         if not isinstance(r, dict):
             return r
-        k = self.chunk_keys(x, [i])[i] if key is None else key
+        lo, hi = r["lo"], r["hi"]
         ths = r["thresholds"]  # by rank: [rank lo,] rank hi - 1 (lo = 0 needs no upper cut)
-        keep = k > ths[-1]["key"]
-        if r["lo"] > 0:
-            keep &= k < ths[0]["key"]
-        flat_keep = keep.view(-1)
-        flat = k.view(-1)
-        done = set()
-        for t in ths:
-            if t["key"] in done:
-                continue  # both ends share one threshold value: handled once
-            done.add(t["key"])
-            idx = (flat == t["key"]).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            first = t["above"] + t["prefix"][x.row_start]
-            rank = torch.arange(first, first + idx.numel(), dtype=torch.int64, device=idx.device)
-            ok = (rank >= r["lo"]) & (rank < r["hi"])
-            flat_keep[idx[ok]] = True
+        bottom = ths[-1]["key"]
+        top = ths[0]["key"] if lo > 0 else None
+        next_rank = {}
+        for t in ths:  # the next tied element's rank, per threshold value
+            next_rank.setdefault(t["key"], t["above"] + t["prefix"][x.row_start])
+        keep = torch.empty(x.tensors[0].numel(), dtype=torch.bool, device=x.tensors[0].device)
+        for s, e in self._blocks(x):
+            k = self.key_block(x, i, s, e)
+            out = keep[s:e]
+            torch.gt(k, bottom, out=out)
+            if top is not None:
+                out &= k < top
+            for key, first in next_rank.items():
+                idx = (k == key).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                rank = torch.arange(first, first + idx.numel(), dtype=torch.int64, device=idx.device)
+                out[idx[(rank >= lo) & (rank < hi)]] = True
+                next_rank[key] = first + idx.numel()
         return keep
 
 
@@ -454,14 +483,14 @@ class _MagnitudeWindow(Sparsifier):
     """Keep a window of descending magnitude ranks of tau_i over the whole tensor."""
 
     def __init__(self, name: str):
-        self.select = RankSelect(name, self._keys, self._wanted, self._window)
+        self.select = RankSelect(name, self._key_block, self._wanted, self._window)
 
     def window(self, ctx: ChunkInputs, i: int, n: int) -> tuple[int, int]:
         raise NotImplementedError
 
-    def _keys(self, x, ids):
-        tvs = task_vectors(x)
-        return {i: magnitude_key(tvs[i]) for i in ids}
+    @staticmethod
+    def _key_block(x, i, start, stop):
+        return magnitude_key(task_vectors(x)[i].reshape(-1)[start:stop])
 
     def _trivial(self, ctx, i):
         """ALL or NONE when the window needs no selection, else None."""
@@ -485,7 +514,8 @@ class _MagnitudeWindow(Sparsifier):
         return self.select.statistics()
 
     def mask(self, x, i, tv):
-        return self._trivial(x, i) or self.select.mask(x, i)
+        trivial = self._trivial(x, i)
+        return trivial if trivial is not None else self.select.mask(x, i).view(tv.shape)
 
 
 class MagnitudeTopK(_MagnitudeWindow):

@@ -31,8 +31,9 @@ from dmerge.methods._sparsify import (
 VAR = "variance"
 
 
-def _variance_key(x: ChunkInputs, ids: list) -> dict:
-    tvs = list(task_vectors(x).values())
+def _variance_key(x: ChunkInputs, _id, start: int, stop: int) -> torch.Tensor:
+    """Keys of the population variance across task vectors, flat elements [start, stop)."""
+    tvs = [t.reshape(-1)[start:stop] for t in task_vectors(x).values()]
     mean = tvs[0].clone()
     for t in tvs[1:]:
         mean.add_(t)
@@ -42,7 +43,7 @@ def _variance_key(x: ChunkInputs, ids: list) -> dict:
         d = t - mean
         var.add_(d.mul_(d))
     var.div_(len(tvs))
-    return {VAR: magnitude_key(var)}
+    return magnitude_key(var)
 
 
 def _wanted(ctx: ChunkInputs) -> list:
@@ -64,7 +65,8 @@ def _selection(x: ChunkInputs):
         return ALL
     if topk <= 0:
         return NONE
-    return _select.mask(x, VAR)
+    keep = _select.mask(x, VAR)
+    return keep if isinstance(keep, str) else keep.view(x.base.shape)
 
 
 def _selected_task_vectors(x: ChunkInputs) -> dict:
