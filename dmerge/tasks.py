@@ -8,7 +8,7 @@ planned offset, so it never passes through the scheduler or the client.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,9 @@ from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import round_to
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# safetensors dtypes a compute dtype holds exactly (for Statistic.input_dtype)
+_EXACT_IN = {"float32": {"BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"},
+             "float64": {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}}
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,11 @@ def _context(tensor, prior: dict | None, seed: int = 0) -> ChunkInputs:
 def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None) -> Any:
     """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``)."""
     method = get_method(job.tensor.method)
-    if not method.statistics[stat_index].needed(_context(job.tensor, prior, job.seed)):
+    stat = method.statistics[stat_index]
+    if not stat.needed(_context(job.tensor, prior, job.seed)):
         return None  # not needed for this tensor: nothing is read
+    if stat.input_dtype is not None and all(s.entry.dtype in _EXACT_IN[stat.input_dtype] for s in job.tensor.sources):
+        job = replace(job, compute_dtype=stat.input_dtype)
     inputs, _ = load_inputs(job)
     inputs.stats = dict(prior or {})
     return method.statistics[stat_index].chunk(inputs)

@@ -28,7 +28,9 @@ from typing import Callable
 import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
-from dmerge.methods._sparsify import ALL, NONE, Sparsifier, block_size, non_base_indices, rescale_statistic, task_vectors
+from dmerge.methods._sparsify import (
+    ALL, NONE, Sparsifier, block_size, keep_mask, non_base_indices, rescale_statistic, task_vectors,
+)
 
 def gta_params(*, normalize: bool, rescale: bool) -> list[Param]:
     return [
@@ -60,12 +62,13 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
     idx = non_base_indices(x)
     if not idx:
         return base
+    masks = {i: keep_mask(sparsifier, x, i) if sparsifier is not None else ALL for i in idx}
     tvs = task_vectors(x)
     factors = x.stats.get("rescale") or {}
     weights = [x.model_params[i]["weight"] for i in idx]
     keeps, scales = [], []
     for i in idx:
-        keep = sparsifier.mask(x, i, tvs[i]) if sparsifier is not None else ALL
+        keep = masks[i]
         keeps.append(keep.reshape(-1) if isinstance(keep, torch.Tensor) else keep)
         scales.append(factors.get(i, 1.0) if keep is not ALL else 1.0)
     flats = [tvs[i].reshape(-1) for i in idx]
@@ -74,7 +77,17 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
     total = sum(weights)
     divisors = _agreeing_weight_sums(weights, base) if consensus and normalize and len(weights) <= 12 else None
     step = block_size(out)
-    ones = torch.ones(min(step, out.numel()), dtype=base.dtype, device=base.device) if consensus else None
+    width = min(step, out.numel())
+    if consensus:  # block-sized scratch, allocated once per chunk
+        opts = {"dtype": base.dtype, "device": base.device}
+        ones = torch.ones(width, **opts)
+        mixed_buf, sg_buf = torch.empty(width, **opts), torch.empty(width, **opts)
+        positive = torch.empty(width, dtype=torch.bool, device=base.device)
+        if divisors is not None:
+            code_buf = torch.empty(width, dtype=torch.int64, device=base.device)
+            div_buf = torch.empty(width, **opts)
+        elif normalize:
+            div_buf = torch.empty(width, **opts)
     for s in range(0, out.numel(), step):
         blk = slice(s, s + step)
         ds = []
@@ -87,29 +100,36 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
             if f != 1.0:
                 d.mul_(f)
             ds.append(d.mul_(w))
-        mixed = ds[0].clone() if consensus else ds[0]
+        nb = ds[0].numel()
+        if consensus:
+            mixed = mixed_buf[:nb].copy_(ds[0])
+        else:
+            mixed = ds[0]
         for d in ds[1:]:
             mixed.add_(d)
         if consensus:
             # Elected sign sg of the summed task vector (copysign: -0.0 only arises when
             # every term is zero, where the sign does not matter). A model agrees where
             # sg * d_i > 0, and sg * sum_i relu(sg * d_i) == sum_i agree_i d_i exactly.
-            sg = torch.copysign(ones[: mixed.numel()], mixed)
+            sg = torch.copysign(ones[:nb], mixed, out=sg_buf[:nb])
             mixed.zero_()
+            agree = positive[:nb]
             if divisors is not None:
-                code = torch.zeros(mixed.shape, dtype=torch.int32, device=mixed.device)
+                code = code_buf[:nb].zero_()
             elif normalize:
-                divisor = torch.zeros_like(mixed)
+                divisor = div_buf[:nb].zero_()
             for bit, (d, w) in enumerate(zip(ds, weights)):
                 d.mul_(sg)
-                if divisors is not None:
-                    code.add_((d > 0).to(torch.int32).bitwise_left_shift_(bit))
-                elif normalize:
-                    divisor.add_((d > 0).to(d.dtype).mul_(w))
+                if normalize:
+                    torch.gt(d, 0, out=agree)
+                    if divisors is not None:
+                        code.add_(agree, alpha=1 << bit)
+                    else:
+                        divisor.add_(agree, alpha=w)  # w * {0, 1}: exact
                 mixed.add_(d.clamp_(min=0))
             mixed.mul_(sg)
             if divisors is not None:
-                mixed.div_(divisors.index_select(0, code))
+                mixed.div_(torch.index_select(divisors, 0, code, out=div_buf[:nb]))
             elif normalize:
                 mixed.div_(divisor.add_(divisor == 0))  # no agreeing model: divide by 1
         elif normalize and abs(total) >= 1e-8:  # as mergekit: a (near-)zero divisor is treated as 1

@@ -38,7 +38,7 @@ from dmerge.methods.base import ChunkInputs, Statistic
 # Elements per step where a step needs several temporaries: small enough that a few
 # float64 blocks stay in a core's L2 cache (elementwise work, so any block size gives
 # the same bits).
-BLOCK = 1 << 16
+BLOCK = 1 << 18
 KEY_BLOCK = 1 << 20  # elements per step of the integer key passes (radix select)
 GPU_BLOCK = 1 << 24  # on a GPU, large steps: kernel launches, not caches, are the cost
 
@@ -66,8 +66,7 @@ def task_vectors(x: ChunkInputs) -> dict[int, torch.Tensor]:
     """``{source index: x_i - base}`` for every non-base source.
 
     Computed once per ChunkInputs and *in place* of the source tensors (a merge only
-    needs the base and the task vectors, so this saves one tensor per model). Callers
-    must not modify them before every statistic of the chunk has been computed.
+    needs the base and the task vectors, so this saves one tensor per model).
     """
     c = cache(x)
     if "tv" not in c:
@@ -78,6 +77,15 @@ def task_vectors(x: ChunkInputs) -> dict[int, torch.Tensor]:
             tvs[i] = t.sub_(base)
         c["tv"] = tvs
     return c["tv"]
+
+
+def keep_mask(sparsifier: "Sparsifier", x: ChunkInputs, i: int):
+    """Model ``i``'s keep-mask for this chunk (ALL, NONE or a bool tensor), computed once
+    per ChunkInputs (the rescale statistic and the merge of a one-chunk tensor share it)."""
+    masks = cache(x).setdefault("masks", {})
+    if i not in masks:
+        masks[i] = sparsifier.mask(x, i)
+    return masks[i]
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,12 +244,20 @@ NONE = "none"
 
 
 def magnitude_key(t: torch.Tensor) -> torch.Tensor:
-    """int32 keys ordering like |t| rounded to float32 (mergekit ranks float32 magnitudes).
+    """int32 keys ordering like |t| rounded to float32.
 
     Rounding is symmetric, so |fl32(t)| == fl32(|t|); the float32 bit pattern of a
     non-negative number is a non-negative int32 ordered like the number.
+
+    For a task vector ``t = x - b`` this is the same key whether ``t`` was computed in
+    float64 or in float32 from parents that float32 holds exactly (bf16, fp16, fp32):
+    the float64 difference is exact unless the exponents of x and b are more than 29
+    apart, and then both roundings give the larger operand. That is why the selection
+    statistics may read such parents as float32 (``input_dtype``), and it is exactly the
+    magnitude mergekit ranks (it subtracts in float32).
     """
-    return t.to(torch.float32).abs_().view(torch.int32)
+    k = t.abs() if t.dtype == torch.float32 else t.to(torch.float32).abs_()  # never modifies t
+    return k.view(torch.int32)
 
 
 def _sparse_counts(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,11 +295,13 @@ class RankSelect:
     """
 
     def __init__(self, name: str, key_block: Callable[[ChunkInputs, Any, int, int], torch.Tensor],
-                 wanted: Callable[[ChunkInputs], list], window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]]):
+                 wanted: Callable[[ChunkInputs], list], window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]],
+                 input_dtype: str | None = None):
         self.name = name
         self.key_block = key_block
         self.wanted = wanted
         self.window = window
+        self.input_dtype = input_dtype  # keys need no more than this precision
         self.coarse_name = f"{name}_coarse"
         self.fine_name = f"{name}_fine"
 
@@ -400,8 +418,10 @@ class RankSelect:
             return bool(coarse) and any(isinstance(r, dict) for r in coarse.values())
 
         return [
-            Statistic(self.coarse_name, self._coarse_chunk, self._coarse_combine, self._coarse_finalize, need_coarse),
-            Statistic(self.fine_name, self._fine_chunk, self._fine_combine, self._fine_finalize, need_fine),
+            Statistic(self.coarse_name, self._coarse_chunk, self._coarse_combine, self._coarse_finalize, need_coarse,
+                      input_dtype=self.input_dtype),
+            Statistic(self.fine_name, self._fine_chunk, self._fine_combine, self._fine_finalize, need_fine,
+                      input_dtype=self.input_dtype),
         ]
 
     # -- applying -------------------------------------------------------------------------
@@ -440,12 +460,17 @@ class RankSelect:
             if top is not None:
                 out &= k < top
             for key, first in next_rank.items():
-                idx = (k == key).nonzero().squeeze(1)
-                if idx.numel() == 0:
+                eq = k == key
+                count = int(eq.sum())
+                if count == 0:
                     continue
-                rank = torch.arange(first, first + idx.numel(), dtype=torch.int64, device=idx.device)
-                out[idx[(rank >= lo) & (rank < hi)]] = True
-                next_rank[key] = first + idx.numel()
+                next_rank[key] = first + count
+                if first >= lo and first + count <= hi:
+                    out |= eq  # every tie of this block is inside the window
+                elif first + count > lo and first < hi:  # the window's edge falls in this block
+                    idx = eq.nonzero().squeeze(1)
+                    rank = torch.arange(first, first + count, dtype=torch.int64, device=idx.device)
+                    out[idx[(rank >= lo) & (rank < hi)]] = True
         return keep
 
 
@@ -462,8 +487,9 @@ def _density(x: ChunkInputs, i: int) -> float:
 class Sparsifier:
     """Turns one model's task vector (chunk) into a keep-mask.
 
-    ``mask`` returns ALL (keep everything; no rescaling either, as mergekit returns the
-    task vector untouched for density >= 1), NONE, or a boolean tensor.
+    ``mask(x, i)`` returns ALL (keep everything; no rescaling either, as mergekit returns
+    the task vector untouched for density >= 1), NONE, or a boolean tensor shaped like
+    the chunk (call it through :func:`keep_mask`).
     """
 
     name = "none"
@@ -475,7 +501,7 @@ class Sparsifier:
     def statistics(self) -> list[Statistic]:
         return []
 
-    def mask(self, x: ChunkInputs, i: int, tv: torch.Tensor):
+    def mask(self, x: ChunkInputs, i: int):
         raise NotImplementedError
 
 
@@ -483,7 +509,8 @@ class _MagnitudeWindow(Sparsifier):
     """Keep a window of descending magnitude ranks of tau_i over the whole tensor."""
 
     def __init__(self, name: str):
-        self.select = RankSelect(name, self._key_block, self._wanted, self._window)
+        # the keys are float32 magnitudes: the selection passes read the parents as float32
+        self.select = RankSelect(name, self._key_block, self._wanted, self._window, input_dtype="float32")
 
     def window(self, ctx: ChunkInputs, i: int, n: int) -> tuple[int, int]:
         raise NotImplementedError
@@ -513,9 +540,9 @@ class _MagnitudeWindow(Sparsifier):
     def statistics(self):
         return self.select.statistics()
 
-    def mask(self, x, i, tv):
+    def mask(self, x, i):
         trivial = self._trivial(x, i)
-        return trivial if trivial is not None else self.select.mask(x, i).view(tv.shape)
+        return trivial if trivial is not None else self.select.mask(x, i).view(x.base.shape)
 
 
 class MagnitudeTopK(_MagnitudeWindow):
@@ -558,13 +585,13 @@ class RandomDrop(Sparsifier):
     name = "random"
     random = True
 
-    def mask(self, x, i, tv):
+    def mask(self, x, i):
         d = _density(x, i)
         if d >= 1:
             return ALL
         if d <= 0:
             return NONE
-        return keyed_keep(x, i, tv, d)
+        return keyed_keep(x, i, x.base, d)
 
 
 class DellaMagprune(Sparsifier):
@@ -578,7 +605,7 @@ class DellaMagprune(Sparsifier):
     name = "della_magprune"
     random = True
 
-    def mask(self, x, i, tv):
+    def mask(self, x, i):
         d = _density(x, i)
         if d >= 1:
             return ALL
@@ -586,7 +613,8 @@ class DellaMagprune(Sparsifier):
             return NONE
         eps = x.model_params[i]["epsilon"]
         if eps == 0:
-            return keyed_keep(x, i, tv, d)
+            return keyed_keep(x, i, x.base, d)
+        tv = task_vectors(x)[i]
         mag = tv.abs() if tv.dim() >= 2 else tv.abs().unsqueeze(0)
         cols = mag.shape[1]
         if cols == 1:
@@ -613,11 +641,12 @@ def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
         return [i for i in non_base_indices(ctx) if sparsifier.active(ctx, i)]
 
     def chunk(x):
+        ids = wanted(x)
+        masks = {i: keep_mask(sparsifier, x, i) for i in ids}
         tvs = task_vectors(x)
         out = {}
-        for i in wanted(x):
-            tv = tvs[i]
-            m = sparsifier.mask(x, i, tv)
+        for i in ids:
+            tv, m = tvs[i], masks[i]
             before = exact_sum_partial(tv, absolute=True)
             if isinstance(m, str):
                 out[i] = (before, before if m == ALL else None)

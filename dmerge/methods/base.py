@@ -162,6 +162,12 @@ class Statistic:
     combine: Callable[[list[Any]], Any] = None  # type: ignore[assignment]
     finalize: Callable[[Any, ChunkInputs], Any] = None  # type: ignore[assignment]
     when: Callable[[ChunkInputs], bool] | None = None
+    # A narrower compute dtype ("float32") in which this statistic's chunk gives the same
+    # partial as in the merge's, *provided the parents convert to it exactly*; the engine
+    # then reads them in it (half the conversion work of a pass over every parent) when
+    # they do (bf16, fp16, fp32 parents for float32), else in the merge's dtype. None:
+    # always the merge's dtype. A one-chunk tensor's statistics see the merge's dtype.
+    input_dtype: str | None = None
 
     def needed(self, context: ChunkInputs) -> bool:
         return self.when is None or bool(self.when(context))

@@ -117,7 +117,7 @@ _weights = Statistic("sce_weights", _weights_chunk, _weights_combine, _weights_f
         Param("int8_mask", kind=bool, default=False, doc="accepted for compatibility; no effect"),
     ],
     statistics=[*_select.statistics(), _weights],
-    work_tensors=4,
+    work_tensors=2,
     reference="https://arxiv.org/abs/2408.07990",
 )
 def sce(x: ChunkInputs) -> torch.Tensor:
