@@ -296,8 +296,9 @@ class RankSelect:
 
     def __init__(self, name: str, key_block: Callable[[ChunkInputs, Any, int, int], torch.Tensor],
                  wanted: Callable[[ChunkInputs], list], window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]],
-                 input_dtype: str | None = None):
+                 input_dtype: str | None = None, count_nonzero: bool = False):
         self.name = name
+        self.count_nonzero = count_nonzero  # does window() use the number of non-zero keys?
         self.key_block = key_block
         self.wanted = wanted
         self.window = window
@@ -321,7 +322,8 @@ class RankSelect:
             nonzero = 0
             for s, e in self._blocks(x):
                 k = self.key_block(x, i, s, e)
-                nonzero += int(torch.count_nonzero(k))
+                if self.count_nonzero:
+                    nonzero += int(torch.count_nonzero(k))
                 hist += torch.bincount(k.bitwise_right_shift_(COARSE_SHIFT), minlength=COARSE_BINS).cpu()
             nz = hist.nonzero().squeeze(1)
             out[i] = ((nz, hist[nz]), nonzero)
@@ -365,13 +367,16 @@ class RankSelect:
                 continue
             bins = sorted({t["bin"] for t in r["targets"]})
             hists = {b: torch.zeros(FINE_BINS + 2, dtype=torch.int64) for b in bins}
+            low = None
             for s, e in self._blocks(x):
                 k = self.key_block(x, i, s, e)
+                if low is None or low.numel() < k.numel():
+                    low = torch.empty_like(k)
                 for b in bins:
                     # low bits of the keys inside bucket b, shifted by one; keys outside
                     # land in the sentinel bins 0 and FINE_BINS + 1, dropped below
-                    low = (k - (b << COARSE_SHIFT)).clamp_(-1, FINE_BINS).add_(1)
-                    hists[b] += torch.bincount(low, minlength=FINE_BINS + 2).cpu()
+                    lb = torch.sub(k, b << COARSE_SHIFT, out=low[: k.numel()]).clamp_(-1, FINE_BINS).add_(1)
+                    hists[b] += torch.bincount(lb, minlength=FINE_BINS + 2).cpu()
             for b, h in hists.items():
                 h = h[1:-1]
                 nz = h.nonzero().squeeze(1)

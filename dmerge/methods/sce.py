@@ -55,7 +55,7 @@ def _window(ctx: ChunkInputs, _id, n: int, nonzero: int) -> tuple[int, int]:
     return 0, int(nonzero * ctx.params["select_topk"])
 
 
-_select = RankSelect("sce_select", _variance_key, _wanted, _window)
+_select = RankSelect("sce_select", _variance_key, _wanted, _window, count_nonzero=True)
 
 
 def _selection(x: ChunkInputs):
