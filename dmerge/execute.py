@@ -9,6 +9,7 @@ address, an existing cluster does.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -71,8 +72,10 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
         try:
             if not quiet:
                 link = getattr(client, "dashboard_link", None)
+                if link and options.scheduler is None and importlib.util.find_spec("bokeh") is None:
+                    link += " (needs bokeh: pip install 'dmerge[dashboard]')"
                 where = options.scheduler or "local in-process cluster"
-                print(f"dask: {where}; dashboard: {link or 'unavailable (pip install bokeh)'}", file=sys.stderr)
+                print(f"dask: {where}; dashboard: {link or 'unavailable'}", file=sys.stderr)
             yield client
         finally:
             client.close()

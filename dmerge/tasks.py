@@ -18,7 +18,7 @@ from dmerge.io import storage
 from dmerge.io.output import write_range
 from dmerge.io.safetensors_format import DTYPES, itemsize
 from dmerge.methods import ChunkInputs, get_method
-from dmerge.numerics import round_to
+from dmerge.numerics import round_to, widen
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -66,7 +66,7 @@ def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
         buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
         nread += n
         t = _as_tensor(buf, src.entry.dtype, shape)
-        tensors.append(t.to(device=job.device, dtype=dtype))
+        tensors.append(widen(t.to(job.device), dtype))
     inputs = ChunkInputs(
         tensor_name=tp.name,
         tensors=tensors,
