@@ -7,7 +7,6 @@ planned offset, so it never passes through the scheduler or the client.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.output import write_range
-from dmerge.io.safetensors_format import DTYPES, itemsize
+from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import round_to, widen
 
@@ -37,18 +36,19 @@ class ChunkJob:
     allow_nan: bool = False
 
 
-def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[bytearray, int]:
-    """Raw bytes of rows [row_start, row_stop) of a tensor: one ranged read."""
+def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Tensor, int]:
+    """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor): one ranged read."""
     row_bytes = entry.row_bytes
-    buf = bytearray((row_stop - row_start) * row_bytes)
-    storage.read_range_into(file, entry.begin + row_start * row_bytes, memoryview(buf))
-    return buf, len(buf)
+    buf = torch.empty((row_stop - row_start) * row_bytes, dtype=torch.uint8)  # no zero-fill
+    if buf.numel():
+        storage.read_range_into(file, entry.begin + row_start * row_bytes, memoryview(buf.numpy()))
+    return buf, buf.numel()
 
 
-def _as_tensor(buf: bytearray, code: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if not buf:
+def _as_tensor(buf: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not buf.numel():
         return torch.empty(shape, dtype=DTYPES[code])
-    return torch.frombuffer(buf, dtype=DTYPES[code]).reshape(shape)
+    return buf.view(DTYPES[code]).reshape(shape)
 
 
 def _row_shape(tensor, rows: int) -> tuple[int, ...]:
@@ -114,8 +114,8 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
     if tp.copy_bytes:
         src = tp.sources[0]
         buf, nread = read_rows(src.file, src.entry, job.row_start, job.row_stop)
-        write_range(job.out_path, out_offset, memoryview(buf))
-        return nread, len(buf)
+        write_range(job.out_path, out_offset, memoryview(buf.numpy()))
+        return nread, nread
 
     method = get_method(tp.method)
     inputs, nread = load_inputs(job)
@@ -161,4 +161,4 @@ def itemsize_of(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "read_rows", "itemsize", "math"]
+__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "read_rows"]
