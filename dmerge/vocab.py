@@ -252,7 +252,7 @@ class _Gathered:
             self.nread += n
 
     def pos(self, j: int, rows: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self.rows[j], rows)
+        return torch.searchsorted(self.rows[j], rows.contiguous())
 
 
 def _decode(raw: torch.Tensor, code: str, rest: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
