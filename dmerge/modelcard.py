@@ -51,9 +51,9 @@ def model_card(plan, name: str | None = None) -> str:
     lines += ["## Method", ""]
     ref = f" ([reference]({method.reference}))" if method.reference else ""
     lines.append(f"Merge method: **{plan.method}**{ref}.")
-    summary = (method.doc or "").strip().splitlines()
+    summary = (method.doc or "").strip().replace("``", "`").split("\n\n")[0]
     if summary:
-        lines += ["", summary[0]]
+        lines += ["", " ".join(summary.split())]
     if recipe.base_model:
         lines += ["", f"Base model: {_display(recipe.base_model)}."]
     lines.append("")
