@@ -416,6 +416,10 @@ def build_plan(
                     f"it has {lay.num_layers} layers"
                 )
             srcs.append(_Source(spec, m, lay))
+        lengths = {src.spec.layer_range[1] - src.spec.layer_range[0] for src in srcs}
+        if len(lengths) > 1:
+            what = "models" if not recipe.slices else f"slices[{si}] sources"
+            raise RecipeError(f"{what} must all have the same number of layers, got {sorted(lengths)}")
         resolved_slices.append((s, srcs))
 
     # pre weights (embeddings) from the first slice's sources, at t = 0
@@ -445,8 +449,8 @@ def build_plan(
     last_slice, last_srcs = resolved_slices[-1]
     lead = last_srcs[0].layout
     post = list(lead.post)
-    head_name = lead.head_name
     with_head = [src for src in last_srcs if src.layout.head is not None]
+    head_name = lead.head_name or (with_head[0].layout.head if with_head else None)
     if head_name and with_head and head_name not in post:
         post.append(head_name)  # the lead is tied but another source has a head
     for name in post:

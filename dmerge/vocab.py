@@ -112,9 +112,9 @@ def build_row_map(
         own.append(o)
     base_idx = source_models.index(base_model) if base_model in source_models else None
     configs: dict[str, Any] = dict(tokens or {})
-    present = torch.stack([o[:n_tokens] >= 0 for o in own]) if S else torch.zeros((0, n_tokens), dtype=torch.bool)
-    n_present = present.sum(0)
-    copy_from = torch.full((rows, 2), -1, dtype=torch.int64)
+    # Plain Python lists: this loop runs once per token of a vocabulary of 10^5.
+    own_l = [o[:n_tokens].tolist() for o in own]
+    copy_l: dict[int, tuple[int, int]] = {}
     means: dict[int, tuple[tuple[int, int], ...]] = {}
     forced: list[int] = []
     id_to_token = {i: t for t, i in vocab.items()}
@@ -122,31 +122,34 @@ def build_row_map(
     for tid in range(n_tokens):
         token = id_to_token[tid]
         cfg = configs.get(token)
-        force = bool(getattr(cfg, "force", False)) if cfg is not None else False
-        if cfg is None and int(n_present[tid]) == S:
-            continue  # every source has it: each keeps its own row
+        have = [s for s in range(S) if own_l[s][tid] >= 0]
         if cfg is None:
-            k = int(n_present[tid])
-            if k == 1:
-                s = int(present[:, tid].nonzero()[0])
-                copy_from[tid] = torch.tensor([s, int(own[s][tid])])
-            elif k == 0:
+            if len(have) == S:
+                continue  # every source has it: each keeps its own row
+            if len(have) == 1:
+                copy_l[tid] = (have[0], own_l[have[0]][tid])  # the only parent with the token
+            elif not have:
                 pass  # no parent has this token: zeros
-            elif base_idx is not None and bool(present[base_idx, tid]):
-                copy_from[tid] = torch.tensor([base_idx, int(own[base_idx][tid])])
+            elif base_idx is not None and base_idx in have:
+                copy_l[tid] = (base_idx, own_l[base_idx][tid])  # the base model's row
             else:
-                means[tid] = tuple((s, int(own[s][tid])) for s in range(S) if bool(present[s, tid]))
+                means[tid] = tuple((s, own_l[s][tid]) for s in have)
             continue
-        if not force and int(n_present[tid]) == S:
+        force = bool(getattr(cfg, "force", False))
+        if not force and len(have) == S:
             continue
-        src = _token_source(cfg, token, tensor_name, source_models, own, tid, original_vocabs, source_rows)
+        src = _token_source(cfg, token, tensor_name, source_models, own_l, tid, original_vocabs, source_rows)
         if src is not None:
-            copy_from[tid] = torch.tensor(src)
+            copy_l[tid] = src
         if force:
             forced.append(tid)
     for tid in forced:
         for o in own:
             o[tid] = -1
+    copy_from = torch.full((rows, 2), -1, dtype=torch.int64)
+    if copy_l:
+        idx = torch.tensor(list(copy_l), dtype=torch.int64)
+        copy_from[idx] = torch.tensor(list(copy_l.values()), dtype=torch.int64)
 
     identity = (
         rows == n_tokens
@@ -187,9 +190,9 @@ def _token_source(cfg, token, tensor_name, source_models, own, tid, original_voc
         if not 0 <= int(row) < source_rows[s]:
             raise RecipeError(f"tokenizer.tokens[{token!r}]: token id {row} is out of range for {model}")
         return s, int(row)
-    if int(own[s][tid]) < 0:
+    if own[s][tid] < 0:
         raise RecipeError(f"tokenizer.tokens[{token!r}]: token is not in {model}'s vocabulary")
-    return s, int(own[s][tid])
+    return s, own[s][tid]
 
 
 # ---------------------------------------------------------------------------------------
