@@ -155,26 +155,25 @@ def finish_output(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool, writ
 def write_tokenizer(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool) -> None:
     """The merged tokenizer if the recipe built one; else the donor's files, copied.
 
-    A ``chat_template`` is set on whichever tokenizer is written (the donor's is then
-    loaded and saved again, as mergekit does).
+    The donor is the base model (else the first model); its generation_config.json comes
+    along unless --no-copy-tokenizer. A ``chat_template`` is set on whichever tokenizer is
+    written (the donor's is then loaded and saved again, as mergekit does).
     """
     from dmerge.tokenizer import load_tokenizer, tokenizer_files
 
     chat = plan.chat_template
+    tok_ref = _tokenizer_model(plan)
+    model = plan.models[tok_ref] if tok_ref is not None else None
     if plan.tokenizer is not None:
         for name, data in tokenizer_files(plan.tokenizer.tokenizer, chat).items():
             output.write_bytes(name, data)
+        extra = ["generation_config.json"] if copy_tokenizer and model is not None else []
+    elif not copy_tokenizer or model is None:
         return
-    if not copy_tokenizer:
-        return
-    tok_ref = _tokenizer_model(plan)
-    if tok_ref is None:
-        return
-    model = plan.models[tok_ref]
-    if chat:
+    elif chat:
         for name, data in tokenizer_files(load_tokenizer(model.location, f"model {tok_ref}"), chat).items():
             output.write_bytes(name, data)
-        extra = [n for n in TOKENIZER_FILES if n == "generation_config.json"]
+        extra = ["generation_config.json"]
     else:
         extra = list(TOKENIZER_FILES)
     for name in extra:

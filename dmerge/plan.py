@@ -122,12 +122,15 @@ class ShardPlan:
 
 @dataclass(frozen=True)
 class LayerOrigin:
-    """Where output layer ``index`` comes from (the first source of its slice)."""
+    """Where output layer ``index`` comes from: layer ``source_index`` of ``model`` (the
+    first source of its slice), merged with ``others`` (model, layer) when the slice has
+    several sources."""
 
     index: int
     model: str
     source_index: int
     slice_index: int
+    others: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -179,7 +182,10 @@ class Plan:
             if run and (lo is None or lo.slice_index != run[-1].slice_index or lo.model != run[-1].model
                         or lo.source_index != run[-1].source_index + 1):
                 a, b = run[0], run[-1]
-                out.append(f"{a.index}-{b.index} <- {a.model} layers {a.source_index}-{b.source_index}")
+                srcs = [f"{a.model} layers {a.source_index}-{b.source_index}"]
+                srcs += [f"{m} layers {i}-{j[1]}" for (m, i), j in zip(a.others, b.others)]
+                how = f"{self.method} of " if len(srcs) > 1 else ""
+                out.append(f"{a.index}-{b.index} <- {how}{' + '.join(srcs)}")
                 run = []
             if lo is not None:
                 run.append(lo)
@@ -443,7 +449,8 @@ def build_plan(
                     idx = src.spec.layer_range[0] + i
                     inputs.append((src, f"{_prefix_of(src.layout, idx, ln)}.{idx}.{ln.suffix}"))
                 plan_tensor(ln.renumbered(out_index), inputs, out_slice, t)
-            origins.append(LayerOrigin(out_index, lead_src.spec.model, lead_src.spec.layer_range[0] + i, si))
+            others = tuple((src.spec.model, src.spec.layer_range[0] + i) for src in srcs[1:])
+            origins.append(LayerOrigin(out_index, lead_src.spec.model, lead_src.spec.layer_range[0] + i, si, others))
 
     # post weights (final norm, output head) from the last slice's sources, at t = 0
     last_slice, last_srcs = resolved_slices[-1]

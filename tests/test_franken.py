@@ -334,7 +334,7 @@ slices:
 def test_scaled_frankenmerge_independent_of_chunking(zoo, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", SCALED.format(**zoo))
     run_merge(recipe, str(tmp_path / "one"), "--out-shard-size", "100K")
-    run_merge(recipe, str(tmp_path / "two"), "--out-shard-size", "100K", "--chunk-size", "1K", "--workers", "2",
+    run_merge(recipe, str(tmp_path / "two"), "--out-shard-size", "100K", "--chunk-size", "3K", "--workers", "2",
               "--threads-per-worker", "1")
     a, b = shard_bytes(str(tmp_path / "one")), shard_bytes(str(tmp_path / "two"))
     assert len(a) > 1 and a == b
