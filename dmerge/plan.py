@@ -576,7 +576,7 @@ def _output_config(recipe: Recipe, models: dict[str, ModelSource], layouts: dict
                 break
         identity = all(o.model == ref and o.source_index == o.index for o in origins) and n_layers == ref_layers
         if not identity:
-            _remap_layer_lists(target, ref_layers, origins, models)
+            _remap_layer_lists(target, ref_layers, origins, models, layouts)
     vocab_key = family.vocab_key
     if tokenizer is not None:
         target[vocab_key] = tokenizer.rows
@@ -590,7 +590,7 @@ def _output_config(recipe: Recipe, models: dict[str, ModelSource], layouts: dict
     return cfg
 
 
-def _remap_layer_lists(target: dict, ref_layers: int, origins: list[LayerOrigin], models) -> None:
+def _remap_layer_lists(target: dict, ref_layers: int, origins: list[LayerOrigin], models, layouts) -> None:
     """Per-layer config lists (``layer_types``, ...) follow the layers to their new places."""
     for key, value in list(target.items()):
         if not isinstance(value, list) or "layer" not in key:
@@ -605,19 +605,12 @@ def _remap_layer_lists(target: dict, ref_layers: int, origins: list[LayerOrigin]
         elif len(value) == ref_layers and ref_layers > 0:
             new = []
             for o in origins:
-                src_cfg = _text_part(models[o.model].config)
-                src = src_cfg.get(key)
-                n_src = layouts_layers(models[o.model])
-                if isinstance(src, list) and len(src) == n_src:
+                src = _text_part(models[o.model].config).get(key)
+                if isinstance(src, list) and len(src) == layouts[o.model].num_layers:
                     new.append(src[o.source_index])
                 else:
                     new.append(value[min(o.source_index, len(value) - 1)])
             target[key] = new
-
-
-def layouts_layers(model: ModelSource) -> int:
-    n = model.num_layers
-    return n if n is not None else -1
 
 
 __all__ = ["Plan", "TensorPlan", "ShardPlan", "SourceTensor", "LayerOrigin", "build_plan", "open_models",
