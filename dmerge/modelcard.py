@@ -16,10 +16,11 @@ from dmerge.io import storage
 from dmerge.methods import get_method
 
 
-def _display(ref: str) -> str:
-    """Markdown for a parent: a Hub link for ``org/name`` ids, the reference otherwise."""
-    loc = storage.resolve_location(ref)
-    if loc.startswith("hf://"):
+def _display(ref: str, plan=None) -> str:
+    """Markdown for a parent: a Hub link for Hub models, the reference otherwise."""
+    model = plan.models.get(ref) if plan is not None else None
+    loc = model.location if model is not None else storage.resolve_location(ref)
+    if loc.startswith("hf://") and not ref.startswith("hf://"):
         repo = ref.split("@", 1)[0]
         return f"[{ref}](https://huggingface.co/{repo})"
     return f"`{ref}`"
@@ -55,13 +56,13 @@ def model_card(plan, name: str | None = None) -> str:
     if summary:
         lines += ["", " ".join(summary.split())]
     if recipe.base_model:
-        lines += ["", f"Base model: {_display(recipe.base_model)}."]
+        lines += ["", f"Base model: {_display(recipe.base_model, plan)}."]
     lines.append("")
 
     lines += ["## Parents", ""]
     for p in plan.models:
         role = " (base model)" if p == recipe.base_model else ""
-        lines.append(f"* {_display(p)}{role}")
+        lines.append(f"* {_display(p, plan)}{role}")
     lines.append("")
 
     if recipe.slices:

@@ -266,8 +266,10 @@ def validate_recipe(recipe: Recipe, loc: _Located | None = None, *, allow_crimes
         if v is not None and v not in DTYPE_NAMES:
             raise loc.error((key,), f"must be one of float32, float16, bfloat16, float64, got {v!r}")
     if method.requires_base:
-        slice_bases = [s.base_model for s in recipe.slices or []]
-        if not recipe.base_model and not (slice_bases and all(slice_bases)):
+        # one-source slices are copied and need no base (see dmerge/plan.py)
+        merged = [s for s in recipe.slices or [] if len(s.sources) > 1]
+        needs_base = bool(recipe.models) or bool(merged)
+        if needs_base and not recipe.base_model and not (merged and all(s.base_model for s in merged)):
             raise loc.error(("base_model",), f"is required by merge_method {method.name}")
     if recipe.slices:
         for i, s in enumerate(recipe.slices):

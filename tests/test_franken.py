@@ -263,7 +263,8 @@ slices:
   - sources: [{{model: {zoo['T']}, layer_range: [3, 12]}}]
 """
     out = str(tmp_path / "out")
-    run_merge(write_recipe(tmp_path / "r.yml", text), out)
+    run_merge(write_recipe(tmp_path / "r.yml", text), out, "--no-write-model-card")
+    assert not os.path.exists(os.path.join(out, "README.md"))
     ours = load_folder(out)
     assert "lm_head.weight" not in ours and "model.embed_tokens.weight" in ours
     cfg = json.load(open(os.path.join(out, "config.json")))
@@ -352,3 +353,17 @@ def test_slice_errors(zoo, tmp_path):
            f"      - {{model: {zoo['B']}, layer_range: [0, 2]}}\n")
     with pytest.raises(RecipeError, match="exactly one source per slice"):
         load_recipe(write_recipe(tmp_path / "r2.yml", two))
+
+
+def test_plan_prints_layer_origins(zoo, tmp_path):
+    from click.testing import CliRunner
+
+    from dmerge.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yml", MIXED_LINEAR.format(**zoo))
+    result = CliRunner().invoke(main, ["plan", recipe, "--tensors"])
+    assert result.exit_code == 0, result.output
+    assert "output layers:     12" in result.output
+    assert f"0-3 <- linear of {zoo['A']} layers 0-3 + {zoo['B']} layers 0-3" in result.output
+    assert f"4-9 <- {zoo['B']} layers 4-9" in result.output
+    assert f"model.layers.5.mlp.up_proj.weight [64, 32] BF16 linear chunks=1 <- {zoo['B']}:model.layers.5.mlp.up_proj.weight" in result.output
