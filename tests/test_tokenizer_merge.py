@@ -4,6 +4,7 @@ rows re-indexed as mergekit does, byte-identical whatever the chunking."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -273,3 +274,24 @@ def test_chat_template_on_copied_tokenizer_and_errors(tz, tmp_path):
                "tokenizer:\n  tokens:\n    foo: {source: {kind: model_token, model: x}}\n")
     with pytest.raises(RecipeError, match="exactly one of token or token_id"):
         load_recipe(write_recipe(tmp_path / "bad2.yml", bad_tok))
+
+
+def test_tokens_beyond_vocab_size_are_dropped(tz, tmp_path):
+    """A tokenizer with more tokens than the model has rows: the extra ones are dropped
+    from the base vocabulary (and not taken from other parents), as in mergekit."""
+    from dmerge.plan import build_plan
+    from dmerge.recipe import load_recipe
+
+    shape = LlamaShape(hidden=32, layers=4, intermediate=64, heads=4, kv_heads=2, vocab=44)
+    short = write_model(str(tmp_path / "short"), random_weights(shape, 30), shape.config("bfloat16"))
+    write_wordlevel_tokenizer(short, WORDS + ["extra1", "extra2"], [], [])  # 45 tokens, 44 rows
+    for source, base, other in (("base", short, tz["TA"]), ("union", tz["TA"], short)):
+        text = (f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n"
+                f"  - model: {other}\n    parameters: {{weight: 1}}\ntokenizer_source: {source}\n")
+        with pytest.warns(UserWarning, match="extra2") if source == "union" else contextlib.nullcontext():
+            plan = build_plan(load_recipe(write_recipe(tmp_path / f"{source}.yml", text)))
+        vocab = plan.tokenizer.vocab
+        assert "extra2" not in vocab and "extra1" in vocab
+        assert plan.out_config["vocab_size"] == len(vocab) == (44 if source == "base" else 46)
+        emb = next(t for t in plan.tensors if t.name == EMB)
+        assert emb.shape == (len(vocab), 32)
