@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from dmerge import vocab
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.output import write_range
@@ -34,6 +35,8 @@ class ChunkJob:
     device: str = "cpu"
     seed: int = 0
     allow_nan: bool = False
+    # For a re-indexed vocabulary tensor: the part of its row map for these rows.
+    row_map: Any = None
 
 
 def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Tensor, int]:
@@ -55,18 +58,28 @@ def _row_shape(tensor, rows: int) -> tuple[int, ...]:
     return (rows,) + tuple(tensor.shape[1:]) if tensor.shape else ()
 
 
-def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
-    """Read every parent's rows and widen them to the compute dtype."""
+def load_inputs(job: ChunkJob, pad_means: list | None = None) -> tuple[ChunkInputs, int]:
+    """Read every parent's rows and widen them to the compute dtype.
+
+    A re-indexed vocabulary tensor gathers its rows through the job's row map instead
+    (``pad_means``: the padding rows' values, see :mod:`dmerge.vocab`).
+    """
     tp = job.tensor
     dtype = COMPUTE_DTYPES[job.compute_dtype]
     shape = _row_shape(tp, job.row_stop - job.row_start)
     tensors = []
     nread = 0
-    for src in tp.sources:
-        buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
-        nread += n
-        t = _as_tensor(buf, src.entry.dtype, shape)
-        tensors.append(widen(t.to(job.device), dtype))
+    if job.row_map is not None:
+        rest = tuple(tp.shape[1:])
+        if job.row_map.has_padding and pad_means is None and job.row_map.stop > job.row_map.n_tokens:
+            pad_means = _whole_tensor_pad_means(job)
+        tensors, nread = vocab.assemble(tp.sources, job.row_map, rest, dtype, job.device, pad_means)
+    else:
+        for src in tp.sources:
+            buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
+            nread += n
+            t = _as_tensor(buf, src.entry.dtype, shape)
+            tensors.append(widen(t.to(job.device), dtype))
     inputs = ChunkInputs(
         tensor_name=tp.name,
         tensors=tensors,
@@ -81,10 +94,26 @@ def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
     return inputs, nread
 
 
-def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None) -> Any:
+def _whole_tensor_pad_means(job: ChunkJob) -> list:
+    rm = job.row_map
+    if (rm.start, rm.stop) != (0, rm.rows):
+        raise RuntimeError(f"{job.tensor.name}: padding means missing for a partial chunk")
+    return vocab.pad_means_of(job.tensor.sources, rm, tuple(job.tensor.shape[1:]))
+
+
+def vocab_pad_partial(tensor, window) -> list:
+    """Per-source sums of one fixed block of a re-indexed vocabulary tensor's rows."""
+    return vocab.pad_partial(tensor.sources, window, tuple(tensor.shape[1:]))
+
+
+def vocab_pad_finalize(n_tokens: int, partials: list) -> list:
+    return vocab.pad_finalize(n_tokens, partials)
+
+
+def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None, pad_means: list | None = None) -> Any:
     """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``)."""
     method = get_method(job.tensor.method)
-    inputs, _ = load_inputs(job)
+    inputs, _ = load_inputs(job, pad_means)
     inputs.stats = dict(prior or {})
     return method.statistics[stat_index].chunk(inputs)
 
@@ -103,7 +132,7 @@ def finalize_statistic(tensor, stat_index: int, prior: dict | None, partials: li
     return out
 
 
-def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
+def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None = None) -> tuple[int, int]:
     """Merge one chunk and write it to its place. Returns (bytes read, bytes written).
 
     With ``stats`` None for a method that needs statistics, the chunk must be the whole
@@ -111,6 +140,11 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
     """
     tp = job.tensor
     out_offset = tp.offset + job.row_start * tp.row_bytes
+    if tp.copy_bytes and job.row_map is not None:
+        rows, nread = vocab.gather_bytes(tp.sources, job.row_map, tp.row_bytes)
+        data = memoryview(rows.reshape(-1).numpy()) if rows.numel() else memoryview(b"")
+        write_range(job.out_path, out_offset, data)
+        return nread, len(data)
     if tp.copy_bytes:
         src = tp.sources[0]
         buf, nread = read_rows(src.file, src.entry, job.row_start, job.row_stop)
@@ -118,7 +152,7 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
         return nread, nread
 
     method = get_method(tp.method)
-    inputs, nread = load_inputs(job)
+    inputs, nread = load_inputs(job, pad_means)
     if stats is None and method.statistics:
         if (job.row_start, job.row_stop) != (0, tp.rows):
             raise RuntimeError(f"{tp.name}: statistics missing for a partial chunk")
@@ -161,4 +195,5 @@ def itemsize_of(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "read_rows"]
+__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
+           "vocab_pad_finalize", "read_rows"]

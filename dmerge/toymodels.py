@@ -178,3 +178,29 @@ def write_sparse_model(folder: str, shape: LlamaShape, dtype: str = "bfloat16", 
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     return folder
+
+
+def write_wordlevel_tokenizer(folder: str, words: list[str], special: list[str] = (), added: list[str] = (),
+                              chat_template: str | None = None) -> None:
+    """A tiny real tokenizer (``tokenizers`` WordLevel, whitespace split) for tests and demos.
+
+    Ids: ``<unk> <s> </s>``, then ``words``, then the ``special`` added tokens, then the
+    plain ``added`` tokens. Written as tokenizer.json + tokenizer_config.json, which
+    ``transformers.AutoTokenizer`` loads offline.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    base = ["<unk>", "<s>", "</s>"] + list(words)
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(base)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<unk>", "<s>", "</s>", *special]])
+    if added:
+        tok.add_tokens([AddedToken(t, normalized=True) for t in added])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+           "unk_token": "<unk>", "model_max_length": 256}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
