@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench-work")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--dmerge-args", default="", help="extra arguments for dmerge run")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool (alternating); the median is reported")
     ap.add_argument("--json", help="write raw results here")
     args = ap.parse_args()
 
@@ -176,19 +177,26 @@ def main() -> None:
             f.write(text)
         nbytes = parent_bytes(used)
         result = {"method": method, "bytes": nbytes}
-        for tool in ("dmerge",) if args.skip_mergekit else ("dmerge", "mergekit"):
-            out = os.path.join(root, f"out-{tool}-{method}")
-            shutil.rmtree(out, ignore_errors=True)
-            warm(used)
-            if tool == "dmerge":
-                cmd = [os.path.join(bindir, "dmerge"), "run", recipe, out, "--quiet", *args.dmerge_args.split()]
-            else:
-                cmd = [os.path.join(bindir, "mergekit-yaml"), recipe, out]
-            m = measure(cmd)
-            result[tool] = m
-            print(f"{method:16s} {tool:9s} {m['wall']:8.1f} s  peak {m['peak_rss'] / 2**30:5.2f} GiB  "
-                  f"{nbytes / m['wall'] / 1e9:5.2f} GB/s", file=sys.stderr)
-            shutil.rmtree(out, ignore_errors=True)
+        tools = ("dmerge",) if args.skip_mergekit else ("dmerge", "mergekit")
+        runs: dict[str, list[dict]] = {t: [] for t in tools}
+        for _ in range(args.repeat):
+            for tool in tools:
+                out = os.path.join(root, f"out-{tool}-{method}")
+                shutil.rmtree(out, ignore_errors=True)
+                warm(used)
+                if tool == "dmerge":
+                    cmd = [os.path.join(bindir, "dmerge"), "run", recipe, out, "--quiet", *args.dmerge_args.split()]
+                else:
+                    cmd = [os.path.join(bindir, "mergekit-yaml"), recipe, out]
+                m = measure(cmd)
+                runs[tool].append(m)
+                print(f"{method:16s} {tool:9s} {m['wall']:8.1f} s  peak {m['peak_rss'] / 2**30:5.2f} GiB  "
+                      f"{nbytes / m['wall'] / 1e9:5.2f} GB/s", file=sys.stderr)
+                shutil.rmtree(out, ignore_errors=True)
+        for tool, ms in runs.items():
+            walls = sorted(m["wall"] for m in ms)
+            result[tool] = {"wall": walls[len(walls) // 2], "peak_rss": max(m["peak_rss"] for m in ms),
+                            "walls": walls}
         rows.append(result)
 
     print(f"\nfamily: {args.size} ({SIZES[args.size]}), {os.cpu_count()} cores\n")
