@@ -112,7 +112,13 @@ class Plan:
 
     @property
     def n_tasks(self) -> int:
-        return sum(t.n_chunks * (1 + len(get_method(t.method).statistics) if t.n_chunks > 1 else 1) for t in self.tensors)
+        from dmerge.tasks import context_of
+
+        def n_stats(t: TensorPlan) -> int:
+            method = get_method(t.method)
+            return len(method.statistics_for(context_of(t))) if method.statistics and not t.copy_bytes else 0
+
+        return sum(t.n_chunks * (1 + n_stats(t)) if t.n_chunks > 1 else 1 for t in self.tensors)
 
     @property
     def bytes_read(self) -> int:
@@ -267,7 +273,8 @@ def build_plan(
             per_row = numel_row * out_item
         else:
             in_items = sum(itemsize(s.entry.dtype) for s in src_tensors)
-            per_row = numel_row * (in_items + (len(src_tensors) + method.work_tensors) * compute_itemsize + out_item)
+            work = method.work_tensors_for(len(src_tensors))
+            per_row = numel_row * (in_items + (len(src_tensors) + work) * compute_itemsize + out_item)
         if len(first.shape) < 2:  # vectors are small: one task each
             rows_per_chunk = rows
         else:

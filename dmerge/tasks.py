@@ -89,15 +89,20 @@ def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None) -> Any
     return method.statistics[stat_index].chunk(inputs)
 
 
+def context_of(tensor, stats: dict | None = None) -> ChunkInputs:
+    """A tensor's resolved parameters as a ChunkInputs without data (for finalize/when)."""
+    return ChunkInputs(
+        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
+        model_params=tensor.model_params, full_shape=tensor.shape, row_stop=tensor.rows,
+        stats=dict(stats or {}),
+    )
+
+
 def finalize_statistic(tensor, stat_index: int, prior: dict | None, partials: list) -> dict:
     """Combine the chunk partials of one statistic; returns all statistics so far."""
     method = get_method(tensor.method)
     stat = method.statistics[stat_index]
-    context = ChunkInputs(
-        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
-        model_params=tensor.model_params, full_shape=tensor.shape,
-    )
-    context.stats = dict(prior or {})
+    context = context_of(tensor, prior)
     out = dict(prior or {})
     out[stat.name] = stat.final(stat.combine_all(partials), context)
     return out
@@ -119,11 +124,12 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
 
     method = get_method(tp.method)
     inputs, nread = load_inputs(job)
-    if stats is None and method.statistics:
+    needed = method.statistics_for(inputs) if method.statistics else []
+    if stats is None and needed:
         if (job.row_start, job.row_stop) != (0, tp.rows):
             raise RuntimeError(f"{tp.name}: statistics missing for a partial chunk")
         stats = {}
-        for stat in method.statistics:
+        for _, stat in needed:
             inputs.stats = dict(stats)
             partial = stat.chunk(inputs)
             stats[stat.name] = stat.final(stat.combine_all([partial]), inputs)
@@ -161,4 +167,4 @@ def itemsize_of(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "read_rows", "itemsize", "math"]
+__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "context_of", "read_rows", "itemsize", "math"]

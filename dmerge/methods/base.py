@@ -149,12 +149,21 @@ class ChunkInputs:
 
 @dataclass(frozen=True)
 class Statistic:
-    """A tensor-wide number, reduced across chunks: chunk -> combine -> finalize."""
+    """A tensor-wide number, reduced across chunks: chunk -> combine -> finalize.
+
+    ``when`` (optional) decides from a tensor's resolved parameters (a ChunkInputs
+    without tensors) whether the statistic is needed at all; a statistic that is not
+    needed costs no pass over the data and is absent from ``x.stats``.
+    """
 
     name: str
     chunk: Callable[[ChunkInputs], Any]
     combine: Callable[[list[Any]], Any] = None  # type: ignore[assignment]
     finalize: Callable[[Any, ChunkInputs], Any] = None  # type: ignore[assignment]
+    when: Callable[[ChunkInputs], bool] | None = None
+
+    def applies(self, context: ChunkInputs) -> bool:
+        return self.when is None or bool(self.when(context))
 
     def combine_all(self, partials: list[Any]) -> Any:
         return (self.combine or _sum_partials)(partials)
@@ -181,8 +190,9 @@ class MergeMethod:
     requires_base: bool = False
     statistics: tuple[Statistic, ...] = ()
     # How many compute-dtype temporaries per element the method holds beyond its inputs;
-    # used to size chunks against the per-task memory budget.
-    work_tensors: int = 2
+    # used to size chunks against the per-task memory budget. A callable gets the number
+    # of source tensors (for methods whose temporaries grow with it).
+    work_tensors: int | Callable[[int], int] = 2
     # A byte-copying method (passthrough) may skip decoding when it does no arithmetic.
     copies_bytes: bool = False
     single_source: bool = False
@@ -192,6 +202,14 @@ class MergeMethod:
     check: Callable[[dict, list[dict]], str | None] | None = None
     reference: str = ""
     doc: str = ""
+
+    def work_tensors_for(self, n_sources: int) -> int:
+        w = self.work_tensors
+        return int(w(n_sources)) if callable(w) else int(w)
+
+    def statistics_for(self, context: ChunkInputs) -> list[tuple[int, Statistic]]:
+        """(index, statistic) of the statistics one tensor needs, in declaration order."""
+        return [(i, s) for i, s in enumerate(self.statistics) if s.applies(context)]
 
     def param(self, name: str) -> Param | None:
         for p in self.params + self.model_params:
