@@ -273,8 +273,7 @@ def build_plan(
             per_row = numel_row * out_item
         else:
             in_items = sum(itemsize(s.entry.dtype) for s in src_tensors)
-            work = method.work_tensors_for(len(src_tensors))
-            per_row = numel_row * (in_items + (len(src_tensors) + work) * compute_itemsize + out_item)
+            per_row = numel_row * (in_items + (len(src_tensors) + method.work_tensors) * compute_itemsize + out_item)
         if len(first.shape) < 2:  # vectors are small: one task each
             rows_per_chunk = rows
         else:

@@ -25,7 +25,7 @@ def merge_method(
     model_params: Iterable[Param] = (),
     requires_base: bool = False,
     statistics: Iterable[Statistic] = (),
-    work_tensors: int | Callable[[int], int] = 2,
+    work_tensors: int = 2,
     copies_bytes: bool = False,
     single_source: bool = False,
     random: bool = False,

@@ -190,9 +190,8 @@ class MergeMethod:
     requires_base: bool = False
     statistics: tuple[Statistic, ...] = ()
     # How many compute-dtype temporaries per element the method holds beyond its inputs;
-    # used to size chunks against the per-task memory budget. A callable gets the number
-    # of source tensors (for methods whose temporaries grow with it).
-    work_tensors: int | Callable[[int], int] = 2
+    # used to size chunks against the per-task memory budget.
+    work_tensors: int = 2
     # A byte-copying method (passthrough) may skip decoding when it does no arithmetic.
     copies_bytes: bool = False
     single_source: bool = False
@@ -202,10 +201,6 @@ class MergeMethod:
     check: Callable[[dict, list[dict]], str | None] | None = None
     reference: str = ""
     doc: str = ""
-
-    def work_tensors_for(self, n_sources: int) -> int:
-        w = self.work_tensors
-        return int(w(n_sources)) if callable(w) else int(w)
 
     def statistics_for(self, context: ChunkInputs) -> list[tuple[int, Statistic]]:
         """(index, statistic) of the statistics one tensor needs, in declaration order."""

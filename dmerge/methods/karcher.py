@@ -89,7 +89,7 @@ def _coefficients(g: list[list[float]], context: ChunkInputs) -> list[float]:
         Param("tol", default=1e-5, minimum=0, doc="stop when the tangent step is shorter than this"),
     ],
     statistics=[gram_statistic("karcher", lambda x: list(x.tensors), _coefficients, when=_several)],
-    work_tensors=1,
+    work_tensors=2,  # the output and its rounding; the rest works on small row blocks
     reference="https://arxiv.org/abs/2603.04972",
 )
 def karcher(x: ChunkInputs) -> torch.Tensor:

@@ -28,7 +28,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     "nearswap",
     requires_base=True,
     params=[Param("t", required=True, doc="distance under which the other model's value is taken")],
-    work_tensors=1,
+    work_tensors=2,  # the output and its rounding; the rest works on small row blocks
     check=_check,
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
 )

@@ -91,7 +91,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
         gram_statistic("nuslerp", _vectors, _whole, when=_flatten),
         row_total_statistic("nuslerp_columns", _column_products, _column_coefficients, when=_columns),
     ],
-    work_tensors=2,
+    work_tensors=2,  # the output and its rounding; the rest works on small row blocks
     check=_check,
 )
 def nuslerp(x: ChunkInputs) -> torch.Tensor:
