@@ -205,7 +205,7 @@ def row_total_statistic(
 
     def chunk(x: ChunkInputs) -> TreePartial:
         n_rows = rows_of(x.full_shape)
-        parts = [tree_partial(per_row(xb), xb.row_start, n_rows) for xb in row_blocks(x)]
+        parts = [tree_partial(per_row(xb).cpu(), xb.row_start, n_rows) for xb in row_blocks(x)]
         return parts[0] if len(parts) == 1 else tree_combine(parts)
 
     def final(partial: TreePartial, context: ChunkInputs):

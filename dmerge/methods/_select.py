@@ -78,7 +78,8 @@ def order_statistics(
     bins_name = name + "_bins"
 
     def bins_chunk(x: ChunkInputs):
-        return _bin_counts(_bins(sortable_keys(values(x).reshape(-1))))
+        bins, counts = _bin_counts(_bins(sortable_keys(values(x).reshape(-1))))
+        return bins.cpu(), counts.cpu()
 
     def bins_final(merged, context: ChunkInputs):
         bins, counts = merged
@@ -95,7 +96,7 @@ def order_statistics(
         out = {}
         for b, _ in x.stats[bins_name]:
             if b not in out:
-                out[b] = torch.unique(keys[bins == b], sorted=True, return_counts=True)
+                out[b] = tuple(t.cpu() for t in torch.unique(keys[bins == b], sorted=True, return_counts=True))
         return out
 
     def values_combine(partials: list[dict]):

@@ -100,7 +100,7 @@ def nuslerp(x: ChunkInputs) -> torch.Tensor:
     if _flatten(x):
         coefficients = x.stats["nuslerp"]
     elif _columns(x):
-        coefficients = tuple(c.to(dtype) for c in x.stats["nuslerp_columns"])
+        coefficients = tuple(c.to(device=x.tensors[0].device, dtype=dtype) for c in x.stats["nuslerp_columns"])
     else:
         coefficients = None  # per vector along the last dimension, inside each row block
 
