@@ -624,3 +624,18 @@ def test_order_statistics_exact_over_chunks():
         for x in xs:
             x.stats = stats
         assert final.final(final.combine_all([final.chunk(x) for x in xs]), xs[0]) == expected
+
+
+def test_order_statistics_large_chunk_counts_bins():
+    """Chunks of more than 2^20 values count bins with bincount instead of sorting."""
+    from dmerge.methods._select import order_statistics
+    from dmerge.methods.base import ChunkInputs
+
+    torch.manual_seed(1)
+    values = (torch.randn(1100, 1000, dtype=torch.float64) * 1e-3).abs()
+    values[::7] = 0.0
+    ranks = [(values.numel() - 1) // 4, (values.numel() - 1) // 2, 3 * (values.numel() - 1) // 4]
+    bins, final = order_statistics("q", lambda x: x.tensors[0], lambda n, c: ranks)
+    x = ChunkInputs("v", [values], None, {}, [{}], tuple(values.shape), 0, values.shape[0])
+    x.stats = {"q_bins": bins.final(bins.combine_all([bins.chunk(x)]), x)}
+    assert final.final(final.combine_all([final.chunk(x)]), x) == values.reshape(-1).sort().values[ranks].tolist()
