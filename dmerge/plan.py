@@ -273,7 +273,8 @@ def build_plan(
             per_row = numel_row * out_item
         else:
             in_items = sum(itemsize(s.entry.dtype) for s in src_tensors)
-            per_row = numel_row * (in_items + (len(src_tensors) + method.work_tensors) * compute_itemsize + out_item)
+            converted = 0 if method.raw_inputs else len(src_tensors)  # raw_inputs: converted per block
+            per_row = numel_row * (in_items + (converted + method.work_tensors) * compute_itemsize + out_item)
         if len(first.shape) < 2:  # vectors are small: one task each
             rows_per_chunk = rows
         else:

@@ -55,8 +55,9 @@ def _row_shape(tensor, rows: int) -> tuple[int, ...]:
     return (rows,) + tuple(tensor.shape[1:]) if tensor.shape else ()
 
 
-def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
-    """Read every parent's rows and widen them to the compute dtype."""
+def load_inputs(job: ChunkJob, raw: bool = False) -> tuple[ChunkInputs, int]:
+    """Read every parent's rows and widen them to the compute dtype (``raw``: keep their
+    stored dtype and only name the compute dtype)."""
     tp = job.tensor
     dtype = COMPUTE_DTYPES[job.compute_dtype]
     shape = _row_shape(tp, job.row_stop - job.row_start)
@@ -66,7 +67,7 @@ def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
         buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
         nread += n
         t = _as_tensor(buf, src.entry.dtype, shape)
-        tensors.append(t.to(device=job.device, dtype=dtype))
+        tensors.append(t.to(device=job.device) if raw else t.to(device=job.device, dtype=dtype))
     inputs = ChunkInputs(
         tensor_name=tp.name,
         tensors=tensors,
@@ -77,6 +78,7 @@ def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
         row_start=job.row_start,
         row_stop=job.row_stop,
         seed=job.seed,
+        compute_dtype=dtype if raw else None,
     )
     return inputs, nread
 
@@ -84,7 +86,7 @@ def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
 def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None) -> Any:
     """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``)."""
     method = get_method(job.tensor.method)
-    inputs, _ = load_inputs(job)
+    inputs, _ = load_inputs(job, raw=method.raw_inputs)
     inputs.stats = dict(prior or {})
     return method.statistics[stat_index].chunk(inputs)
 
@@ -123,7 +125,7 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
         return nread, len(buf)
 
     method = get_method(tp.method)
-    inputs, nread = load_inputs(job)
+    inputs, nread = load_inputs(job, raw=method.raw_inputs)
     needed = method.statistics_for(inputs) if method.statistics else []
     if stats is None and needed:
         if (job.row_start, job.row_stop) != (0, tp.rows):

@@ -54,37 +54,46 @@ def lastdim_sum(x: torch.Tensor) -> torch.Tensor:
     return x[..., 0]
 
 
+def compute_dtype(x: ChunkInputs) -> torch.dtype:
+    return x.compute_dtype or x.tensors[0].dtype
+
+
 def row_blocks(x: ChunkInputs) -> Iterator[ChunkInputs]:
-    """The chunk as consecutive blocks of whole rows (views, same parameters and stats).
+    """The chunk as consecutive blocks of whole rows, in the compute dtype (same
+    parameters and stats). Inputs given as stored (``raw_inputs``) are converted here,
+    block by block.
 
     Only tensors of two or more dimensions are split: a 1-D tensor's last-dimension
     vector is the whole tensor.
     """
+    dtype = compute_dtype(x)
     shape = tuple(x.tensors[0].shape) if x.tensors else ()
-    if len(shape) < 2:
-        yield x
-        return
-    per_row = max(1, x.tensors[0][0].numel())
+    per_row = max(1, x.tensors[0][0].numel()) if len(shape) >= 2 else 1
     step = max(1, BLOCK_ELEMENTS // per_row)
-    if step >= shape[0]:
-        yield x
+    if len(shape) < 2 or step >= shape[0]:
+        if all(t.dtype == dtype for t in x.tensors):
+            yield x
+        else:
+            yield dataclasses.replace(x, tensors=[t.to(dtype) for t in x.tensors], compute_dtype=None)
         return
     for r0 in range(0, shape[0], step):
         r1 = min(shape[0], r0 + step)
         yield dataclasses.replace(
-            x, tensors=[t[r0:r1] for t in x.tensors], row_start=x.row_start + r0, row_stop=x.row_start + r1
+            x, tensors=[t[r0:r1].to(dtype) for t in x.tensors], row_start=x.row_start + r0,
+            row_stop=x.row_start + r1, compute_dtype=None,
         )
 
 
 def blockwise(x: ChunkInputs, fn: Callable[[ChunkInputs], torch.Tensor]) -> torch.Tensor:
     """``fn`` applied to every row block, assembled into one output (for row-local math)."""
-    blocks = row_blocks(x)
-    first = next(blocks)
-    if first is x:
-        return fn(x)
-    out = torch.empty(x.tensors[0].shape, dtype=x.tensors[0].dtype, device=x.tensors[0].device)
-    for xb in (first, *blocks):
-        out[xb.row_start - x.row_start : xb.row_stop - x.row_start] = fn(xb)
+    out = None
+    for xb in row_blocks(x):
+        y = fn(xb)
+        if xb.row_start == x.row_start and xb.row_stop == x.row_stop:
+            return y
+        if out is None:
+            out = torch.empty(x.tensors[0].shape, dtype=y.dtype, device=y.device)
+        out[xb.row_start - x.row_start : xb.row_stop - x.row_start] = y
     return out
 
 

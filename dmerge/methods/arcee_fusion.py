@@ -66,6 +66,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     requires_base=True,
     statistics=order_statistics("arcee_fusion", _importance, _quartile_ranks, _threshold),
     work_tensors=4,
+    raw_inputs=True,
     check=_check,
     reference="https://arcee.ai",
 )

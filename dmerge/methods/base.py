@@ -104,7 +104,9 @@ class ChunkInputs:
     """The inputs of one method call: rows ``[row_start, row_stop)`` of one tensor.
 
     ``tensors`` holds one tensor per source model in recipe order (compute dtype);
-    ``base_index`` points at the base model's tensor, if the recipe has one.
+    ``base_index`` points at the base model's tensor, if the recipe has one. For a method
+    declared with ``raw_inputs`` the tensors keep their stored dtype and ``compute_dtype``
+    says what to convert them to (the method does so piece by piece).
     """
 
     tensor_name: str
@@ -117,6 +119,7 @@ class ChunkInputs:
     row_stop: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    compute_dtype: torch.dtype | None = None
 
     @property
     def base(self) -> torch.Tensor:
@@ -196,6 +199,9 @@ class MergeMethod:
     copies_bytes: bool = False
     single_source: bool = False
     random: bool = False
+    # The method converts its inputs to the compute dtype itself (e.g. per row block,
+    # which avoids whole-chunk float64 copies); it gets them as stored.
+    raw_inputs: bool = False
     # Optional plan-time check of one tensor's resolved parameters: (params, model_params)
     # -> error message or None. Lets a method refuse e.g. weights summing to zero up front.
     check: Callable[[dict, list[dict]], str | None] | None = None

@@ -90,6 +90,7 @@ def _coefficients(g: list[list[float]], context: ChunkInputs) -> list[float]:
     ],
     statistics=[gram_statistic("karcher", lambda x: list(x.tensors), _coefficients, when=_several)],
     work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    raw_inputs=True,
     reference="https://arxiv.org/abs/2603.04972",
 )
 def karcher(x: ChunkInputs) -> torch.Tensor:

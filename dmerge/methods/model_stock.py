@@ -64,6 +64,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     params=[Param("filter_wise", kind=bool, default=False, doc="one angle per row (last-dimension vector), not per tensor")],
     statistics=[gram_statistic("model_stock", lambda x: list(_offsets(x)), _whole, when=_tensor_wide)],
     work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    raw_inputs=True,
     check=_check,
     reference="https://arxiv.org/abs/2403.19522",
 )

@@ -92,6 +92,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     model_params=[Param("weight", required=True, for_base=False, doc="barycentric weight of this model")],
     statistics=[gram_statistic("multislerp", lambda x: list(_vectors(x)), _coefficients, when=_several)],
     work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    raw_inputs=True,
     check=_check,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 )

@@ -29,6 +29,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     requires_base=True,
     params=[Param("t", required=True, doc="distance under which the other model's value is taken")],
     work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    raw_inputs=True,
     check=_check,
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
 )

@@ -22,7 +22,7 @@ mergekit's "NuSLERP" (mergekit.merge_methods.nuslerp).
 import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
-from dmerge.methods._reduce import as_float64, blockwise, gram_statistic, lastdim_sum, row_total_statistic
+from dmerge.methods._reduce import as_float64, blockwise, compute_dtype, gram_statistic, lastdim_sum, row_total_statistic
 from dmerge.methods._sphere import scalar, slerp_coefficients
 
 NORM_FLOOR = 1e-7
@@ -92,11 +92,12 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
         row_total_statistic("nuslerp_columns", _column_products, _column_coefficients, when=_columns),
     ],
     work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    raw_inputs=True,
     check=_check,
 )
 def nuslerp(x: ChunkInputs) -> torch.Tensor:
     """Spherical interpolation of two models (or their task vectors) with t = w1 / (w0 + w1)."""
-    dtype = x.tensors[0].dtype
+    dtype = compute_dtype(x)
     if _flatten(x):
         coefficients = x.stats["nuslerp"]
     elif _columns(x):

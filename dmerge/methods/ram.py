@@ -23,6 +23,7 @@ from dmerge.methods._reduce import blockwise
     requires_base=True,
     params=[Param("epsilon", default=1e-5, minimum=0, doc="a task vector element counts when larger than this")],
     work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    raw_inputs=True,
     reference="https://arxiv.org/abs/2601.13572",
 )
 def ram(x: ChunkInputs) -> torch.Tensor:

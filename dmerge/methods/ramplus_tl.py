@@ -54,6 +54,7 @@ def _lambdas(counts: list[tuple[int, int]], context: ChunkInputs) -> list[float]
     statistics=[Statistic("ramplus_counts", chunk=_counts, combine=_sum_counts, finalize=_lambdas,
                           when=lambda c: len(c.model_params) > 1)],
     work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    raw_inputs=True,
     reference="https://arxiv.org/abs/2601.13572",
 )
 def ramplus_tl(x: ChunkInputs) -> torch.Tensor:

@@ -55,6 +55,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     params=[Param("t", required=True, doc="interpolation factor: 0 = base model, 1 = the other model")],
     statistics=[gram_statistic("slerp", lambda x: list(_pair(x)), _coefficients)],
     work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    raw_inputs=True,
     check=_check,
     reference="https://doi.org/10.1145/325165.325242",
 )
