@@ -7,8 +7,8 @@ defined by the tensor's shape alone:
 
 * **within a row**: a pairwise tree over the row's elements (element ``i`` is added to
   element ``i + n/2``, and so on), done with elementwise tensor additions only.
-  ``torch.sum`` is not used: its order depends on the SIMD width and, for a single
-  long row, on the thread count.
+  ``torch.sum`` is not used: its order is up to the kernel (SIMD width, and threads
+  when a single long row is reduced).
 * **across rows**: a dyadic tree over the *global* row index. Row pairs (2m, 2m+1) are
   added, then pairs of those, and so on. A chunk adds the complete subtrees that lie
   inside its rows and hands the others (at most two per level) to the reduction, which
