@@ -140,7 +140,7 @@ class ChunkInputs:
         """A per-model parameter as a tensor of shape ``[n_models, 1, ...]``, ready to broadcast."""
         params = self.model_params if include_base else self.others_params
         ref = self.tensors[0]
-        values = torch.tensor([p[name] for p in params], dtype=ref.dtype, device=ref.device)
+        values = torch.tensor([p[name] for p in params], dtype=self.compute_dtype or ref.dtype, device=ref.device)
         return values.reshape((len(params),) + (1,) * ref.dim())
 
     @property
