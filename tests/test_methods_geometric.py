@@ -146,8 +146,38 @@ models:
 }
 
 
+# checked against mergekit only (same code paths as above for splitting)
+MORE_RECIPES = {
+    "nuslerp_no_base": """
+merge_method: nuslerp
+models:
+  - model: {ft1}
+    parameters: {{weight: 2.0}}
+  - model: {ft3}
+    parameters: {{weight: [1.0, 0.0]}}
+""",
+    "multislerp_no_base": """
+merge_method: multislerp
+parameters: {{normalize_weights: false}}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.3}}
+  - model: {ft2}
+    parameters: {{weight: 0.5}}
+""",
+    "karcher_with_base_model": """
+merge_method: karcher
+base_model: {base}
+parameters: {{max_iter: 3}}
+models:
+  - model: {ft2}
+  - model: {ft3}
+""",
+}
+
+
 def _recipe(name: str, family: dict) -> str:
-    return RECIPES[name].format(**family) + "dtype: bfloat16\n"
+    return {**RECIPES, **MORE_RECIPES}[name].format(**family) + "dtype: bfloat16\n"
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +252,8 @@ def ref_nuslerp(v0, v1, t, mode):
     return out.reshape(v0.shape)
 
 
-def ref_multislerp(vs, w, eps=1e-8):
-    w = torch.tensor(w, dtype=torch.float64) / sum(w)
+def ref_multislerp(vs, w, eps=1e-8, normalize=True):
+    w = torch.tensor(w, dtype=torch.float64) / (sum(w) if normalize else 1.0)
     flat = torch.stack([v.reshape(-1) for v in vs])
     norms = flat.norm(dim=1, keepdim=True)
     units = flat / (norms + eps)
@@ -320,6 +350,13 @@ def reference(name: str, family: dict):
         if name == "slerp":
             tt = _filtered(n, t, [("self_attn", [0, 0.5, 0.3, 0.7, 1]), ("mlp", [1, 0.5, 0.7, 0.3, 0]), (None, 0.5)])
             return ref_slerp(b, p("ft1", n), tt)
+        if name == "nuslerp_no_base":
+            w1 = _gradient([1.0, 0.0], t)
+            return ref_nuslerp(p("ft1", n), p("ft3", n), w1 / (2.0 + w1), "flatten")
+        if name == "multislerp_no_base":
+            return ref_multislerp([p("ft1", n), p("ft2", n)], [0.3, 0.5], normalize=False)
+        if name == "karcher_with_base_model":
+            return ref_karcher([p(k, n) for k in ("ft2", "ft3", "base")], 3, 1e-5)
         if name.startswith("nuslerp"):
             w0 = _gradient([0.2, 0.8], t) if name != "nuslerp_columns" else 1.0
             w1 = {"nuslerp": 0.6, "nuslerp_rows": 0.1 if "mlp" in n else 0.6,
@@ -357,7 +394,7 @@ def reference(name: str, family: dict):
 MAX_OFF = {"arcee_fusion": 3e-3}
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", sorted(RECIPES) + sorted(MORE_RECIPES))
 def test_agrees_with_mergekit(family, merged, tmp_path, name):
     from mergekit_oracle import run_mergekit
 
