@@ -464,6 +464,15 @@ def test_output_bytes_independent_of_split(merged, tmp_path, monkeypatch, name):
     _assert_same_bytes(default, str(tmp_path / "tiny"))
 
 
+def test_output_bytes_with_worker_processes(merged, tmp_path):
+    """Statistic partials (here row-tree nodes holding column tensors) pickled between
+    worker processes. (One method only: worker processes take seconds to start.)"""
+    recipe, default = merged("nuslerp_columns")
+    run_merge(recipe, str(tmp_path / "p"), "--out-shard-size", "100K", "--workers", "2", "--processes",
+              "--chunk-size", "16K")
+    _assert_same_bytes(default, str(tmp_path / "p"))
+
+
 # ------------------------------------------------------------------ degenerate inputs
 
 
