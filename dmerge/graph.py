@@ -19,8 +19,8 @@ import dataclasses
 
 from dmerge.methods import get_method
 from dmerge.plan import Plan
-from dmerge.tasks import (ChunkJob, compute_statistic, finalize_statistic, merge_chunk, vocab_pad_finalize,
-                          vocab_pad_partial)
+from dmerge.tasks import (ChunkJob, compute_statistic, context_of, finalize_statistic, merge_chunk,
+                          vocab_pad_finalize, vocab_pad_partial)
 
 
 def build_graph(plan: Plan, shard_paths: list[str]) -> tuple[dict, list[tuple]]:
@@ -50,8 +50,9 @@ def build_graph(plan: Plan, shard_paths: list[str]) -> tuple[dict, list[tuple]]:
             dsk[pad_key] = (vocab_pad_finalize, rm.n_tokens, block_keys)
         stats_key = None
         method = get_method(tp.method)
-        if method.statistics and len(jobs) > 1 and not tp.copy_bytes:
-            for si in range(len(method.statistics)):
+        needed = method.statistics_for(context_of(tp)) if method.statistics else []
+        if needed and len(jobs) > 1 and not tp.copy_bytes:
+            for si, _ in needed:
                 partial_keys = []
                 for c, job in enumerate(jobs):
                     key = ("stat", ti, si, c)

@@ -155,9 +155,15 @@ class Plan:
 
     @property
     def n_tasks(self) -> int:
+        from dmerge.tasks import context_of
+
+        def n_stats(t: TensorPlan) -> int:
+            method = get_method(t.method)
+            return len(method.statistics_for(context_of(t))) if method.statistics and not t.copy_bytes else 0
+
         n = 0
         for t in self.tensors:
-            n += t.n_chunks * (1 + len(get_method(t.method).statistics) if t.n_chunks > 1 else 1)
+            n += t.n_chunks * (1 + n_stats(t)) if t.n_chunks > 1 else 1
             if t.row_map is not None and t.row_map.has_padding and t.n_chunks > 1:
                 n += len(t.row_map.pad_blocks()) + 1
         return n
@@ -383,7 +389,8 @@ def build_plan(
             per_row = numel_row * out_item * (2 if row_map is not None else 1)
         else:
             in_items = sum(itemsize(s.entry.dtype) for s in src_tensors)
-            per_row = numel_row * (in_items + (len(src_tensors) + m.work_tensors) * compute_itemsize + out_item)
+            converted = 0 if m.raw_inputs else len(src_tensors)  # raw_inputs: converted per block
+            per_row = numel_row * (in_items + (converted + m.work_tensors) * compute_itemsize + out_item)
         if len(out_shape) < 2:  # vectors are small: one task each
             rows_per_chunk = rows
         else:

@@ -58,8 +58,9 @@ def _row_shape(tensor, rows: int) -> tuple[int, ...]:
     return (rows,) + tuple(tensor.shape[1:]) if tensor.shape else ()
 
 
-def load_inputs(job: ChunkJob, pad_means: list | None = None) -> tuple[ChunkInputs, int]:
-    """Read every parent's rows and widen them to the compute dtype.
+def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False) -> tuple[ChunkInputs, int]:
+    """Read every parent's rows and widen them to the compute dtype (``raw``: keep their
+    stored dtype and only name the compute dtype; the method converts per block).
 
     A re-indexed vocabulary tensor gathers its rows through the job's row map instead
     (``pad_means``: the padding rows' values, see :mod:`dmerge.vocab`).
@@ -78,8 +79,8 @@ def load_inputs(job: ChunkJob, pad_means: list | None = None) -> tuple[ChunkInpu
         for src in tp.sources:
             buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
             nread += n
-            t = _as_tensor(buf, src.entry.dtype, shape)
-            tensors.append(widen(t.to(job.device), dtype))
+            t = _as_tensor(buf, src.entry.dtype, shape).to(job.device)
+            tensors.append(t if raw else widen(t, dtype))
     inputs = ChunkInputs(
         tensor_name=tp.name,
         tensors=tensors,
@@ -90,6 +91,7 @@ def load_inputs(job: ChunkJob, pad_means: list | None = None) -> tuple[ChunkInpu
         row_start=job.row_start,
         row_stop=job.row_stop,
         seed=job.seed,
+        compute_dtype=dtype if raw else None,
     )
     return inputs, nread
 
@@ -113,20 +115,25 @@ def vocab_pad_finalize(n_tokens: int, partials: list) -> list:
 def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None, pad_means: list | None = None) -> Any:
     """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``)."""
     method = get_method(job.tensor.method)
-    inputs, _ = load_inputs(job, pad_means)
+    inputs, _ = load_inputs(job, pad_means, raw=method.raw_inputs)
     inputs.stats = dict(prior or {})
     return method.statistics[stat_index].chunk(inputs)
+
+
+def context_of(tensor, stats: dict | None = None) -> ChunkInputs:
+    """A tensor's resolved parameters as a ChunkInputs without data (for finalize/when)."""
+    return ChunkInputs(
+        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
+        model_params=tensor.model_params, full_shape=tensor.shape, row_stop=tensor.rows,
+        stats=dict(stats or {}),
+    )
 
 
 def finalize_statistic(tensor, stat_index: int, prior: dict | None, partials: list) -> dict:
     """Combine the chunk partials of one statistic; returns all statistics so far."""
     method = get_method(tensor.method)
     stat = method.statistics[stat_index]
-    context = ChunkInputs(
-        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
-        model_params=tensor.model_params, full_shape=tensor.shape,
-    )
-    context.stats = dict(prior or {})
+    context = context_of(tensor, prior)
     out = dict(prior or {})
     out[stat.name] = stat.final(stat.combine_all(partials), context)
     return out
@@ -152,12 +159,13 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None
         return nread, nread
 
     method = get_method(tp.method)
-    inputs, nread = load_inputs(job, pad_means)
-    if stats is None and method.statistics:
+    inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs)
+    needed = method.statistics_for(inputs) if method.statistics else []
+    if stats is None and needed:
         if (job.row_start, job.row_stop) != (0, tp.rows):
             raise RuntimeError(f"{tp.name}: statistics missing for a partial chunk")
         stats = {}
-        for stat in method.statistics:
+        for _, stat in needed:
             inputs.stats = dict(stats)
             partial = stat.chunk(inputs)
             stats[stat.name] = stat.final(stat.combine_all([partial]), inputs)
@@ -196,4 +204,4 @@ def itemsize_of(dtype: torch.dtype) -> int:
 
 
 __all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
-           "vocab_pad_finalize", "read_rows"]
+           "vocab_pad_finalize", "context_of", "read_rows"]
