@@ -41,7 +41,7 @@ def _merge_options(fn):
         click.option("--compute-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
                      help="Arithmetic precision; the result is rounded once to the output dtype."),
         click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
-                     help="Copy the tokenizer files of the base (or tokenizer_source) model."),
+                     help="Copy the base (or first) model's tokenizer files when the recipe builds no tokenizer."),
         click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures."),
         click.option("--allow-nan", is_flag=True, help="Write NaN/Inf produced by a merge instead of failing."),
         click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of random methods (DARE, DELLA)."),
@@ -147,18 +147,20 @@ def mergekit_yaml(config_file: str, out_path: str, **options) -> None:
 @click.option("--chunk-size", type=SIZE, default="128M", show_default=True)
 @click.option("--compute-dtype", type=click.Choice(["float64", "float32"]), default="float64")
 @click.option("--tensors", "show_tensors", is_flag=True, help="Also list every output tensor and its chunks.")
+@click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures.")
 @_friendly_errors
-def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: str, show_tensors: bool) -> None:
+def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: str, show_tensors: bool,
+             allow_crimes: bool) -> None:
     """Print the plan for RECIPE without reading tensor data."""
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
 
-    plan = build_plan(load_recipe(recipe), chunk_bytes=chunk_size, shard_bytes=out_shard_size, compute_dtype=compute_dtype)
+    plan = build_plan(load_recipe(recipe, allow_crimes=allow_crimes), chunk_bytes=chunk_size,
+                      shard_bytes=out_shard_size, compute_dtype=compute_dtype)
     click.echo(plan.summary())
     if show_tensors:
         for t in plan.tensors:
-            srcs = ", ".join(f"{s.model}:{s.name}" for s in t.sources)
-            click.echo(f"{t.name} {list(t.shape)} {t.dtype} chunks={t.n_chunks} shard={plan.shards[t.shard].name}@{t.offset} <- {srcs}")
+            click.echo(f"{t.describe()} shard={plan.shards[t.shard].name}@{t.offset}")
 
 
 @main.command("methods")

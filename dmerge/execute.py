@@ -9,6 +9,7 @@ address, an existing cluster does.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -71,8 +72,10 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
         try:
             if not quiet:
                 link = getattr(client, "dashboard_link", None)
+                if link and options.scheduler is None and importlib.util.find_spec("bokeh") is None:
+                    link += " (needs bokeh: pip install 'dmerge[dashboard]')"
                 where = options.scheduler or "local in-process cluster"
-                print(f"dask: {where}; dashboard: {link or 'unavailable (pip install bokeh)'}", file=sys.stderr)
+                print(f"dask: {where}; dashboard: {link or 'unavailable'}", file=sys.stderr)
             yield client
         finally:
             client.close()
@@ -134,25 +137,17 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
 
 def finish_output(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool, write_model_card: bool) -> None:
     """config.json, tokenizer, recipe, model card, and finally the index."""
+    from dmerge.recipe import INTERNAL_FIELDS
+
     recipe = plan.recipe
     output.write_json("config.json", plan.out_config)
-    if copy_tokenizer:
-        tok_ref = _tokenizer_model(plan)
-        if tok_ref is not None:
-            model = plan.models[tok_ref]
-            for name in TOKENIZER_FILES:
-                src = storage.join(model.location, name)
-                try:
-                    if storage.exists(src):
-                        output.write_bytes(name, storage.read_bytes(src))
-                except OSError:
-                    continue
-    text = recipe.source_text or yaml.safe_dump(recipe.model_dump(exclude_none=True, exclude={"source_dir", "source_text"}))
+    write_tokenizer(plan, output, copy_tokenizer=copy_tokenizer)
+    text = recipe.source_text or yaml.safe_dump(recipe.model_dump(exclude_none=True, exclude=set(INTERNAL_FIELDS)))
     output.write_text("mergekit_config.yml", text)
     if write_model_card:
         from dmerge.modelcard import model_card
 
-        output.write_text("README.md", model_card(plan))
+        output.write_text("README.md", model_card(plan, name=os.path.basename(output.folder.rstrip("/"))))
     index = {
         "metadata": {"total_size": sum(t.nbytes for t in plan.tensors), "merged_by": "dmerge"},
         "weight_map": {t.name: plan.shards[t.shard].name for t in plan.tensors},
@@ -160,12 +155,45 @@ def finish_output(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool, writ
     output.write_json("model.safetensors.index.json", index)  # last: marks the folder complete
 
 
+def write_tokenizer(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool) -> None:
+    """The merged tokenizer if the recipe built one; else the donor's files, copied.
+
+    The donor is the base model (else the first model); its generation_config.json comes
+    along unless --no-copy-tokenizer. A ``chat_template`` is set on whichever tokenizer is
+    written (the donor's is then loaded and saved again, as mergekit does).
+    """
+    from dmerge.tokenizer import load_tokenizer, tokenizer_files
+
+    chat = plan.chat_template
+    tok_ref = _tokenizer_model(plan)
+    model = plan.models[tok_ref] if tok_ref is not None else None
+    if plan.tokenizer is not None:
+        for name, data in tokenizer_files(plan.tokenizer.tokenizer, chat).items():
+            output.write_bytes(name, data)
+        extra = ["generation_config.json"] if copy_tokenizer and model is not None else []
+    elif not copy_tokenizer or model is None:
+        return
+    elif chat:
+        for name, data in tokenizer_files(load_tokenizer(model.location, f"model {tok_ref}"), chat).items():
+            output.write_bytes(name, data)
+        extra = ["generation_config.json"]
+    else:
+        extra = list(TOKENIZER_FILES)
+    for name in extra:
+        src = storage.join(model.location, name)
+        try:
+            if storage.exists(src):
+                output.write_bytes(name, storage.read_bytes(src))
+        except OSError:
+            continue
+
+
 def _tokenizer_model(plan: Plan) -> str | None:
+    """The model whose tokenizer files are copied: the base model, else the first one."""
     recipe = plan.recipe
-    src = recipe.tokenizer_source or (recipe.tokenizer.source if recipe.tokenizer else None)
-    if src and src not in ("base", "union"):
-        return src if src in plan.models else None
-    return recipe.base_model or plan.tensors[0].sources[0].model
+    if recipe.base_model in plan.models:
+        return recipe.base_model
+    return next(iter(plan.models), None)
 
 
 def describe_result(result: RunResult) -> str:

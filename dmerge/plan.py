@@ -5,25 +5,41 @@ test it, turn it into a Dask graph (:mod:`dmerge.graph`). For each output tensor
 the parents' byte locations, the method with parameters resolved for that tensor
 (gradients and filters applied), the row chunking that bounds task memory, and the
 output shard and byte offset of its data.
+
+Slices, as mergekit plans them: a ``models:`` recipe is one slice over every layer of
+every model. The output's *pre* tensors (embeddings) come from the first slice's
+sources, its layers from each slice in turn (renumbered consecutively: slice ``k``'s
+``i``-th layer is output layer ``sum(len(earlier slices)) + i``, gradients evaluated at
+``t = i / (n - 1)``), its *post* tensors (final norm, output head) from the last slice's.
+
+A slice with one source is copied (passthrough, ``scale`` allowed) when the recipe's
+method needs a base model (task-vector methods, SLERP): mergekit gives the base's own
+tensor there, and refuses other single-source slices; dmerge copies them too, which is
+what a frankenmerge mixing merged and stacked slices means.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from dmerge.architecture import LayerName, ModelLayout, layout_of
+from dmerge.architecture import LayerName, ModelLayout, architecture_key, layout_of
 from dmerge.errors import InputModelError, RecipeError
 from dmerge.io.model_source import ModelSource, open_model
 from dmerge.io.safetensors_format import DTYPE_NAMES, FLOAT_CODES, TORCH_NAME, TensorEntry, build_header, itemsize
 from dmerge.methods import MergeMethod, get_method
-from dmerge.recipe import OutputSlice, Recipe, SliceSource, resolve_param
+from dmerge.recipe import ModelEntry, OutputSlice, Recipe, SliceSource, resolve_param
 from dmerge.units import format_bytes
+from dmerge.vocab import RowMap, build_row_map
 
 DEFAULT_CHUNK_BYTES = 128 << 20
 DEFAULT_SHARD_BYTES = 5_000_000_000
 COMPUTE_ITEMSIZE = {"float64": 8, "float32": 4}
+
+# Config lists of layer indices (not one entry per layer), remapped for a new layer order.
+LAYER_INDEX_LISTS = ("mlp_only_layers",)
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,9 @@ class TensorPlan:
     task_bytes: int  # estimated peak memory of one chunk task
     shard: int = -1
     offset: int = -1  # absolute byte offset of the data in the shard file
+    # Vocabulary tensors re-indexed for a merged tokenizer: which source row feeds each
+    # output row (see dmerge.vocab). None: output row r is row r of every source.
+    row_map: RowMap | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -85,6 +104,13 @@ class TensorPlan:
     def bytes_read(self) -> int:
         return sum(s.entry.nbytes for s in self.sources)
 
+    def describe(self) -> str:
+        """One line for `dmerge plan --tensors`."""
+        srcs = ", ".join(f"{s.model}:{s.name}" for s in self.sources)
+        how = "copy" if self.copy_bytes else self.method
+        extra = f" [{self.row_map.describe()}]" if self.row_map is not None else ""
+        return f"{self.name} {list(self.shape)} {self.dtype} {how} chunks={self.n_chunks} <- {srcs}{extra}"
+
 
 @dataclass
 class ShardPlan:
@@ -92,6 +118,19 @@ class ShardPlan:
     header: bytes = field(repr=False)
     size: int
     tensors: list[int]  # indices into Plan.tensors
+
+
+@dataclass(frozen=True)
+class LayerOrigin:
+    """Where output layer ``index`` comes from: layer ``source_index`` of ``model`` (the
+    first source of its slice), merged with ``others`` (model, layer) when the slice has
+    several sources."""
+
+    index: int
+    model: str
+    source_index: int
+    slice_index: int
+    others: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -109,10 +148,25 @@ class Plan:
     seed: int = 0
     allow_nan: bool = False
     device: str = "cpu"
+    layers: list[LayerOrigin] = field(default_factory=list, repr=False)
+    tokenizer: object | None = field(default=None, repr=False)  # dmerge.tokenizer.MergedTokenizer
+    architecture: str = ""
+    chat_template: str | None = field(default=None, repr=False)
 
     @property
     def n_tasks(self) -> int:
-        return sum(t.n_chunks * (1 + len(get_method(t.method).statistics) if t.n_chunks > 1 else 1) for t in self.tensors)
+        from dmerge.tasks import context_of
+
+        def n_stats(t: TensorPlan) -> int:
+            method = get_method(t.method)
+            return len(method.statistics_for(context_of(t))) if method.statistics and not t.copy_bytes else 0
+
+        n = 0
+        for t in self.tensors:
+            n += t.n_chunks * (1 + n_stats(t)) if t.n_chunks > 1 else 1
+            if t.row_map is not None and t.row_map.has_padding and t.n_chunks > 1:
+                n += len(t.row_map.pad_blocks()) + 1
+        return n
 
     @property
     def bytes_read(self) -> int:
@@ -126,11 +180,35 @@ class Plan:
     def peak_task_bytes(self) -> int:
         return max((t.task_bytes for t in self.tensors), default=0)
 
+    def layer_summary(self) -> list[str]:
+        """Output layer ranges and where they come from, one line per run."""
+        out = []
+        run: list[LayerOrigin] = []
+        for lo in self.layers + [None]:
+            if run and (lo is None or lo.slice_index != run[-1].slice_index or lo.model != run[-1].model
+                        or lo.source_index != run[-1].source_index + 1):
+                a, b = run[0], run[-1]
+                srcs = [f"{a.model} layers {a.source_index}-{b.source_index}"]
+                srcs += [f"{m} layers {i}-{j[1]}" for (m, i), j in zip(a.others, b.others)]
+                how = f"{self.method} of " if len(srcs) > 1 else ""
+                out.append(f"{a.index}-{b.index} <- {how}{' + '.join(srcs)}")
+                run = []
+            if lo is not None:
+                run.append(lo)
+        return out
+
     def summary(self) -> str:
         """What `dmerge plan` prints: counts, bytes and memory, and the output shards."""
         lines = [
             f"method:            {self.method}",
+            f"architecture:      {self.architecture}",
             f"parents:           {len(self.models)} ({', '.join(self.models)})",
+            f"output layers:     {len(self.layers)}",
+        ]
+        lines += [f"  {line}" for line in self.layer_summary()]
+        if self.tokenizer is not None:
+            lines.append(f"tokenizer:         {self.tokenizer.describe()}")
+        lines += [
             f"output tensors:    {len(self.tensors)}",
             f"tasks:             {self.n_tasks} (chunk budget {format_bytes(self.chunk_bytes)}, compute {self.compute_dtype})",
             f"bytes to read:     {format_bytes(self.bytes_read)} ({self.bytes_read} B)",
@@ -167,10 +245,25 @@ def open_models(recipe: Recipe) -> dict[str, ModelSource]:
     return dict(zip(refs, models))
 
 
+def model_layout(model: ModelSource) -> ModelLayout:
+    shapes = {n: loc.entry.shape for n, loc in model.tensors.items()}
+    return layout_of(shapes, model.reference, model.config, model.num_layers)
+
+
 def _layout(model: ModelSource, cache: dict) -> ModelLayout:
     if model.reference not in cache:
-        cache[model.reference] = layout_of(list(model.tensors), model.reference, model.num_layers)
+        cache[model.reference] = model_layout(model)
     return cache[model.reference]
+
+
+def check_architectures(models: dict[str, ModelSource], layouts: dict, allow_crimes: bool) -> str:
+    """All parents must share an architecture unless crimes are allowed; returns it."""
+    keys = {ref: architecture_key(m.config, _layout(m, layouts)) for ref, m in models.items()}
+    distinct = list(dict.fromkeys(keys.values()))
+    if len(distinct) > 1 and not allow_crimes:
+        detail = ", ".join(f"{ref} is {k}" for ref, k in keys.items())
+        raise RecipeError(f"the models mix architectures ({detail}); pass --allow-crimes to merge them anyway")
+    return " + ".join(distinct)
 
 
 def normalized_slices(recipe: Recipe, models: dict[str, ModelSource], layouts: dict) -> list[OutputSlice]:
@@ -181,8 +274,6 @@ def normalized_slices(recipe: Recipe, models: dict[str, ModelSource], layouts: d
     names = [m.model for m in recipe.models]
     entries = list(recipe.models)
     if recipe.base_model and recipe.base_model not in names:
-        from dmerge.recipe import ModelEntry
-
         entries.append(ModelEntry(model=recipe.base_model))
     for e in entries:
         n = _layout(models[e.model], layouts).num_layers
@@ -200,75 +291,107 @@ def build_plan(
     seed: int = 0,
     allow_nan: bool = False,
     device: str = "cpu",
+    allow_crimes: bool | None = None,
 ) -> Plan:
     """Plan a merge from the recipe and the parents' headers (no tensor data is read)."""
+    from dmerge.tokenizer import build_tokenizer, resolve_chat_template
+
     method = get_method(recipe.merge_method)
+    copy_method = get_method("passthrough")
     models = models if models is not None else open_models(recipe)
     layouts: dict[str, ModelLayout] = {}
+    crimes = recipe.allow_crimes if allow_crimes is None else allow_crimes
+    architecture = check_architectures(models, layouts, crimes)
     slices = normalized_slices(recipe, models, layouts)
     out_dtype = _dtype_code(recipe.out_dtype) or _dtype_code(recipe.dtype)
     compute_itemsize = COMPUTE_ITEMSIZE[compute_dtype]
+    tokenizer = build_tokenizer(recipe, models, layouts)
+    chat_template = resolve_chat_template(recipe.chat_template, models)
 
     tensors: list[TensorPlan] = []
     seen_names: set[str] = set()
 
-    def plan_tensor(out_name: str, sources: list[tuple[_Source, str]], out_slice: OutputSlice, t: float) -> None:
+    def plan_tensor(out_name: str, sources: list[tuple[_Source, str]], out_slice: OutputSlice, t: float,
+                    vocab: bool = False) -> None:
+        # One source with a method that needs a base: a copy (see the module docstring).
+        m = copy_method if (len(sources) == 1 and method.requires_base) else method
         base_ref = out_slice.base_model or recipe.base_model
         src_tensors = []
         for src, in_name in sources:
             loc = src.model.tensor(in_name)
             src_tensors.append(SourceTensor(src.model.reference, loc.file, loc.entry))
         first = src_tensors[0].entry
-        for s in src_tensors[1:]:
-            if s.entry.shape != first.shape:
-                raise InputModelError(
-                    f"tensor {out_name}: shape mismatch: {src_tensors[0].model} has {list(first.shape)}, "
-                    f"{s.model} has {list(s.entry.shape)}"
-                )
+        row_map = None
+        if vocab and tokenizer is not None:
+            for s in src_tensors[1:]:
+                if s.entry.shape[1:] != first.shape[1:]:
+                    raise InputModelError(
+                        f"tensor {out_name}: {src_tensors[0].model} has shape {list(first.shape)}, {s.model} has "
+                        f"{list(s.entry.shape)}; only the vocabulary dimension may differ"
+                    )
+            row_map = build_row_map(
+                tensor_name=out_name, vocab=tokenizer.vocab, rows=tokenizer.rows,
+                source_models=[s.model for s in src_tensors], permutations=tokenizer.permutations,
+                original_vocabs=tokenizer.original_vocabs, source_rows=[s.entry.rows for s in src_tensors],
+                base_model=base_ref, tokens=tokenizer.spec.tokens, row_numel=math.prod(first.shape[1:]),
+            )
+        out_shape = (tokenizer.rows,) + tuple(first.shape[1:]) if row_map is not None else first.shape
+        if row_map is None:
+            for s in src_tensors[1:]:
+                if s.entry.shape != first.shape:
+                    hint = " (different vocabularies: set tokenizer_source, e.g. union or base)" if vocab else ""
+                    raise InputModelError(
+                        f"tensor {out_name}: shape mismatch: {src_tensors[0].model} has {list(first.shape)}, "
+                        f"{s.model} has {list(s.entry.shape)}{hint}"
+                    )
         for s in src_tensors:
-            if s.entry.dtype not in FLOAT_CODES and not method.copies_bytes:
+            if s.entry.dtype not in FLOAT_CODES and not m.copies_bytes:
                 raise InputModelError(
-                    f"tensor {s.name} of {s.model} has dtype {s.entry.dtype}; {method.name} needs floating-point tensors"
+                    f"tensor {s.name} of {s.model} has dtype {s.entry.dtype}; {m.name} needs floating-point tensors"
                 )
         base_index = None
-        if base_ref is not None:
+        if base_ref is not None and m is method:
             matches = [i for i, (src, _) in enumerate(sources) if src.spec.model == base_ref]
             base_index = matches[0] if matches else None
-        if method.requires_base and base_index is None:
+        if m.requires_base and base_index is None:
             raise RecipeError(f"tensor {out_name}: base_model {base_ref} is not among the sources of its slice")
 
         shared_scopes = [out_slice.parameters, recipe.parameters]
-        params = {p.name: resolve_param(p, shared_scopes, out_name, t) for p in method.params}
+        params = {p.name: resolve_param(p, shared_scopes, out_name, t) for p in m.params}
         model_params = []
         for i, (src, in_name) in enumerate(sources):
             scopes = [src.spec.parameters, out_slice.parameters, recipe.parameters]
             mp = {}
-            for p in method.model_params:
+            for p in m.model_params:
                 if i == base_index and not p.for_base:
                     mp[p.name] = None
                 else:
                     mp[p.name] = resolve_param(p, scopes, in_name, t)
             model_params.append(mp)
-        if method.check is not None:
-            problem = method.check(params, model_params)
+        if m.check is not None:
+            problem = m.check(params, model_params)
             if problem:
                 raise RecipeError(f"tensor {out_name}: {problem}")
 
         dtype = out_dtype or first.dtype
         if first.dtype not in FLOAT_CODES:
             dtype = first.dtype  # integer buffers are copied as they are
-        copy = method.copies_bytes and dtype == first.dtype and all(
-            (mp.get("scale") is None) for mp in model_params
+        copy = (
+            m.copies_bytes
+            and all(s.entry.dtype == dtype for s in src_tensors)
+            and all(mp.get("scale") is None for mp in model_params)
+            and (row_map is None or row_map.byte_copyable)
         )
-        numel_row = math.prod(first.shape[1:]) if len(first.shape) > 1 else (1 if first.shape else 1)
-        rows = first.shape[0] if first.shape else 1
+        numel_row = math.prod(out_shape[1:]) if len(out_shape) > 1 else 1
+        rows = out_shape[0] if out_shape else 1
         out_item = itemsize(dtype)
         if copy:
-            per_row = numel_row * out_item
+            per_row = numel_row * out_item * (2 if row_map is not None else 1)
         else:
             in_items = sum(itemsize(s.entry.dtype) for s in src_tensors)
-            per_row = numel_row * (in_items + (len(src_tensors) + method.work_tensors) * compute_itemsize + out_item)
-        if len(first.shape) < 2:  # vectors are small: one task each
+            converted = 0 if m.raw_inputs else len(src_tensors)  # raw_inputs: converted per block
+            per_row = numel_row * (in_items + (converted + m.work_tensors) * compute_itemsize + out_item)
+        if len(out_shape) < 2:  # vectors are small: one task each
             rows_per_chunk = rows
         else:
             rows_per_chunk = max(1, min(rows, chunk_bytes // max(1, per_row)))
@@ -278,9 +401,9 @@ def build_plan(
         tensors.append(
             TensorPlan(
                 name=out_name,
-                shape=first.shape,
+                shape=tuple(out_shape),
                 dtype=dtype,
-                method=method.name,
+                method=m.name,
                 sources=src_tensors,
                 base_index=base_index,
                 params=params,
@@ -288,11 +411,12 @@ def build_plan(
                 rows_per_chunk=rows_per_chunk,
                 copy_bytes=copy,
                 task_bytes=per_row * rows_per_chunk,
+                row_map=row_map,
             )
         )
 
     resolved_slices = []
-    for s in slices:
+    for si, s in enumerate(slices):
         srcs = []
         for spec in s.sources:
             if spec.model not in models:
@@ -301,40 +425,77 @@ def build_plan(
             lay = _layout(m, layouts)
             if spec.layer_range[1] > lay.num_layers:
                 raise RecipeError(
-                    f"layer_range {list(spec.layer_range)} of {spec.model} is out of range: it has {lay.num_layers} layers"
+                    f"slices[{si}]: layer_range {list(spec.layer_range)} of {spec.model} is out of range: "
+                    f"it has {lay.num_layers} layers"
                 )
             srcs.append(_Source(spec, m, lay))
+        lengths = {src.spec.layer_range[1] - src.spec.layer_range[0] for src in srcs}
+        if len(lengths) > 1:
+            what = "models" if not recipe.slices else f"slices[{si}] sources"
+            raise RecipeError(f"{what} must all have the same number of layers, got {sorted(lengths)}")
         resolved_slices.append((s, srcs))
 
     # pre weights (embeddings) from the first slice's sources, at t = 0
     first_slice, first_srcs = resolved_slices[0]
-    for name in first_srcs[0].layout.pre:
-        plan_tensor(name, [(src, name) for src in first_srcs], first_slice, 0.0)
+    lead = first_srcs[0].layout
+    for name in lead.pre:
+        plan_tensor(name, [(src, _same_role(src.layout, lead, name)) for src in first_srcs], first_slice, 0.0,
+                    vocab=name in lead.vocab)
 
-    out_layer = 0
-    for out_slice, srcs in resolved_slices:
+    origins: list[LayerOrigin] = []
+    for si, (out_slice, srcs) in enumerate(resolved_slices):
         n = srcs[0].spec.layer_range[1] - srcs[0].spec.layer_range[0]
         for i in range(n):
             t = i / (n - 1) if n > 1 else 1.0
-            lead = srcs[0]
-            lead_names: list[LayerName] = lead.layout.layers.get(lead.spec.layer_range[0] + i, [])
+            lead_src = srcs[0]
+            out_index = len(origins)
+            lead_names: list[LayerName] = lead_src.layout.layers.get(lead_src.spec.layer_range[0] + i, [])
             for ln in lead_names:
                 inputs = []
                 for src in srcs:
                     idx = src.spec.layer_range[0] + i
                     inputs.append((src, f"{_prefix_of(src.layout, idx, ln)}.{idx}.{ln.suffix}"))
-                plan_tensor(ln.renumbered(out_layer), inputs, out_slice, t)
-            out_layer += 1
+                plan_tensor(ln.renumbered(out_index), inputs, out_slice, t)
+            others = tuple((src.spec.model, src.spec.layer_range[0] + i) for src in srcs[1:])
+            origins.append(LayerOrigin(out_index, lead_src.spec.model, lead_src.spec.layer_range[0] + i, si, others))
 
+    # post weights (final norm, output head) from the last slice's sources, at t = 0
     last_slice, last_srcs = resolved_slices[-1]
-    for name in last_srcs[0].layout.post:
-        plan_tensor(name, [(src, name) for src in last_srcs], last_slice, 0.0)
+    lead = last_srcs[0].layout
+    post = list(lead.post)
+    with_head = [src for src in last_srcs if src.layout.head is not None]
+    head_name = lead.head_name or (with_head[0].layout.head if with_head else None)
+    if head_name and with_head and head_name not in post:
+        post.append(head_name)  # the lead is tied but another source has a head
+    for name in post:
+        if head_name is not None and name == head_name:
+            inputs = []
+            for src in last_srcs:
+                own = src.layout.head or src.layout.embedding  # tied: the embedding stands in
+                if own is None:
+                    raise InputModelError(f"model {src.spec.model} has neither an output head nor a token embedding")
+                inputs.append((src, own))
+            plan_tensor(name, inputs, last_slice, 0.0, vocab=True)
+        else:
+            plan_tensor(name, [(src, _same_role(src.layout, lead, name)) for src in last_srcs], last_slice, 0.0,
+                        vocab=name in lead.vocab)
 
     if not tensors:
         raise InputModelError("the recipe selects no tensors")
 
+    by_name = {t.name: t for t in tensors}
+    embed_name = first_srcs[0].layout.embedding
+    embed = by_name.get(embed_name) if embed_name else None
+    head = by_name.get(head_name) if head_name else None
+    if tokenizer is None and embed is not None and head is not None and embed.rows != head.rows:
+        raise InputModelError(
+            f"the embedding ({embed.sources[0].model}, {embed.rows} rows) and the output head "
+            f"({head.sources[0].model}, {head.rows} rows) have different vocabularies; set tokenizer_source"
+        )
+
     shards = _assign_shards(tensors, shard_bytes)
-    out_config = _output_config(recipe, models, slices, out_layer, tensors)
+    out_config = _output_config(recipe, models, layouts, slices, origins, tensors, tokenizer,
+                                head_written=head is not None, embed=embed)
     return Plan(
         recipe=recipe,
         method=method.name,
@@ -347,7 +508,18 @@ def build_plan(
         seed=seed,
         allow_nan=allow_nan,
         device=device,
+        layers=origins,
+        tokenizer=tokenizer,
+        architecture=architecture,
+        chat_template=chat_template,
     )
+
+
+def _same_role(layout: ModelLayout, lead: ModelLayout, name: str) -> str:
+    """The name of the tensor in ``layout`` that plays the role ``name`` plays in ``lead``."""
+    if name == lead.embedding and layout.embedding:
+        return layout.embedding
+    return name
 
 
 def _prefix_of(layout: ModelLayout, index: int, like: LayerName) -> str:
@@ -383,20 +555,70 @@ def _assign_shards(tensors: list[TensorPlan], shard_bytes: int) -> list[ShardPla
     return shards
 
 
-def _output_config(recipe: Recipe, models: dict[str, ModelSource], slices, n_layers: int, tensors) -> dict:
-    """config.json of the output: the base (or first) model's, with dtype and depth updated."""
+def _text_part(cfg: dict) -> dict:
+    return cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
+
+
+def _output_config(recipe: Recipe, models: dict[str, ModelSource], layouts: dict, slices,
+                   origins: list[LayerOrigin], tensors, tokenizer, *, head_written: bool, embed) -> dict:
+    """config.json of the output: the base (or first) model's, with dtype, depth, per-layer
+    settings, vocabulary size and embedding tying updated for what was written."""
     ref = recipe.base_model or slices[0].sources[0].model
-    cfg = dict(models[ref].config)
+    cfg = copy.deepcopy(models[ref].config)
+    family = layouts[ref].family
     float_dtypes = [t.dtype for t in tensors if t.dtype in TORCH_NAME]
     if float_dtypes:
         name = TORCH_NAME[max(set(float_dtypes), key=float_dtypes.count)]
         cfg["torch_dtype"] = name
         if "dtype" in cfg:
             cfg["dtype"] = name
+    target = _text_part(cfg)
+    ref_layers = layouts[ref].num_layers
+    n_layers = len(origins)
     if n_layers:
-        target = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        keys = [family.layers_key, "num_hidden_layers", "n_layer", "num_layers", "n_layers"]
+        for key in keys:
             if isinstance(target.get(key), int):
                 target[key] = n_layers
                 break
+        identity = all(o.model == ref and o.source_index == o.index for o in origins) and n_layers == ref_layers
+        if not identity:
+            _remap_layer_lists(target, ref_layers, origins, models, layouts)
+    vocab_key = family.vocab_key
+    if tokenizer is not None:
+        target[vocab_key] = tokenizer.rows
+    elif embed is not None and isinstance(target.get(vocab_key), int) and target[vocab_key] != embed.rows:
+        target[vocab_key] = embed.rows
+    if family.heads and not family.inferred:
+        # Written explicitly: with an output head in the checkpoint the model must not
+        # tie it to the embedding, and without one it must.
+        where = target if (family.tie_key in target and family.tie_key not in cfg) else cfg
+        where[family.tie_key] = not head_written
     return cfg
+
+
+def _remap_layer_lists(target: dict, ref_layers: int, origins: list[LayerOrigin], models, layouts) -> None:
+    """Per-layer config lists (``layer_types``, ...) follow the layers to their new places."""
+    for key, value in list(target.items()):
+        if not isinstance(value, list) or "layer" not in key:
+            continue
+        if key in LAYER_INDEX_LISTS:
+            new = []
+            for o in origins:
+                src = _text_part(models[o.model].config).get(key)
+                if isinstance(src, list) and o.source_index in src:
+                    new.append(o.index)
+            target[key] = new
+        elif len(value) == ref_layers and ref_layers > 0:
+            new = []
+            for o in origins:
+                src = _text_part(models[o.model].config).get(key)
+                if isinstance(src, list) and len(src) == layouts[o.model].num_layers:
+                    new.append(src[o.source_index])
+                else:
+                    new.append(value[min(o.source_index, len(value) - 1)])
+            target[key] = new
+
+
+__all__ = ["Plan", "TensorPlan", "ShardPlan", "SourceTensor", "LayerOrigin", "build_plan", "open_models",
+           "MergeMethod", "model_layout"]

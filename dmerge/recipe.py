@@ -27,6 +27,9 @@ from dmerge.methods import MergeMethod, Param, get_method
 
 Scalar = Union[bool, int, float, str]
 
+# Recipe attributes that are not part of the YAML schema (never written back out).
+INTERNAL_FIELDS = ("source_dir", "source_text", "allow_crimes")
+
 
 class ConditionalValue(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -73,16 +76,54 @@ class OutputSlice(BaseModel):
 
 
 class TokenSource(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Where one token's embedding row comes from (``tokenizer.tokens.<token>``).
+
+    ``source`` is a model reference (that model's row for the token), ``{kind: zero}``,
+    or ``{kind: model_token, model: M, token: T}`` / ``token_id: I`` (a given row of M);
+    ``force`` uses it even for parents that have the token.
+    """
+
+    model_config = ConfigDict(extra="forbid")
     source: Any = None
     force: bool = False
 
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v):
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, dict) or v.get("kind") not in ("zero", "model_token"):
+            raise ValueError("must be a model, {kind: zero} or {kind: model_token, model: ..., token: ...}")
+        if v["kind"] == "zero":
+            if set(v) != {"kind"}:
+                raise ValueError("{kind: zero} takes no other keys")
+            return v
+        unknown = set(v) - {"kind", "model", "token", "token_id"}
+        if unknown:
+            raise ValueError(f"model_token entries take model and token or token_id, got {sorted(unknown)}")
+        if not isinstance(v.get("model"), str):
+            raise ValueError("model_token entries need a model")
+        if (v.get("token") is None) == (v.get("token_id") is None):
+            raise ValueError("model_token entries need exactly one of token or token_id")
+        if v.get("token_id") is not None and (not isinstance(v["token_id"], int) or v["token_id"] < 0):
+            raise ValueError(f"token_id must be a non-negative integer, got {v['token_id']!r}")
+        return v
+
 
 class TokenizerSpec(BaseModel):
+    """The ``tokenizer:`` block; ``source`` defaults to ``union`` as in mergekit."""
+
     model_config = ConfigDict(extra="forbid")
-    source: Optional[str] = None
+    source: Optional[str] = "union"
     tokens: Optional[dict[str, TokenSource]] = None
     pad_to_multiple_of: Optional[int] = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"must be a positive integer, got {v}")
+        return v
 
 
 class Recipe(BaseModel):
@@ -102,9 +143,11 @@ class Recipe(BaseModel):
     tokenizer: Optional[TokenizerSpec] = None
     chat_template: Optional[str] = None
 
-    # Not part of the schema: where the recipe came from (relative model paths).
+    # Not part of the schema: where the recipe came from (relative model paths), and
+    # whether mixing architectures was allowed on the command line (--allow-crimes).
     source_dir: Optional[str] = None
     source_text: Optional[str] = None
+    allow_crimes: bool = False
 
     def referenced_models(self) -> list[str]:
         """Every model the recipe names, in first-mention order."""
@@ -200,6 +243,7 @@ def load_recipe(path_or_text: str, *, is_text: bool = False, allow_crimes: bool 
         raise loc.error(path, msg) from None
     recipe.source_dir = source_dir
     recipe.source_text = text
+    recipe.allow_crimes = allow_crimes
     validate_recipe(recipe, loc, allow_crimes=allow_crimes)
     return recipe
 
@@ -208,7 +252,7 @@ def validate_recipe(recipe: Recipe, loc: _Located | None = None, *, allow_crimes
     """Structural and parameter checks (raise RecipeError with the offending key)."""
     loc = loc or _Located(None)
     method = get_method(recipe.merge_method)  # unknown method -> clear error
-    extra = sorted(set(recipe.model_extra or {}) - {"source_dir", "source_text"})
+    extra = sorted(set(recipe.model_extra or {}) - set(INTERNAL_FIELDS))
     if extra:
         warnings.warn(f"recipe keys ignored (not part of the mergekit schema): {', '.join(extra)}", stacklevel=2)
     if recipe.modules:
@@ -222,8 +266,10 @@ def validate_recipe(recipe: Recipe, loc: _Located | None = None, *, allow_crimes
         if v is not None and v not in DTYPE_NAMES:
             raise loc.error((key,), f"must be one of float32, float16, bfloat16, float64, got {v!r}")
     if method.requires_base:
-        slice_bases = [s.base_model for s in recipe.slices or []]
-        if not recipe.base_model and not (slice_bases and all(slice_bases)):
+        # one-source slices are copied and need no base (see dmerge/plan.py)
+        merged = [s for s in recipe.slices or [] if len(s.sources) > 1]
+        needs_base = bool(recipe.models) or bool(merged)
+        if needs_base and not recipe.base_model and not (merged and all(s.base_model for s in merged)):
             raise loc.error(("base_model",), f"is required by merge_method {method.name}")
     if recipe.slices:
         for i, s in enumerate(recipe.slices):
@@ -243,9 +289,20 @@ def validate_recipe(recipe: Recipe, loc: _Located | None = None, *, allow_crimes
         scopes.append((("slices", i, "parameters"), s.parameters, False))
         for j, src in enumerate(s.sources):
             scopes.append((("slices", i, "sources", j, "parameters"), src.parameters, True))
+    # A single-source slice of a method that needs a base is copied (see plan.py); it takes
+    # passthrough's parameters (scale) as well.
+    copy_method = get_method("passthrough")
+    copy_scopes = set()
+    if method.requires_base:
+        for i, s in enumerate(recipe.slices or []):
+            if len(s.sources) == 1:
+                copy_scopes.add(("slices", i, "parameters"))
+                copy_scopes.add(("slices", i, "sources", 0, "parameters"))
     for path, params, _model_level in scopes:
         for name, setting in (params or {}).items():
             spec = method.param(name)
+            if spec is None and path in copy_scopes:
+                spec = copy_method.param(name)
             if spec is None:
                 warnings.warn(f"{format_path(path + (name,))}: {method.name} has no parameter {name!r}; ignored", stacklevel=2)
                 continue

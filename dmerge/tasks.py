@@ -7,23 +7,20 @@ planned offset, so it never passes through the scheduler or the client.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from dmerge import vocab
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.output import write_range
-from dmerge.io.safetensors_format import DTYPES, itemsize
+from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
-from dmerge.numerics import round_to
+from dmerge.numerics import round_to, widen
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-# safetensors dtypes a compute dtype holds exactly (for Statistic.input_dtype)
-_EXACT_IN = {"float32": {"BF16", "F16", "F32", "F8_E4M3", "F8_E5M2"},
-             "float64": {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}}
 
 
 @dataclass(frozen=True)
@@ -38,38 +35,52 @@ class ChunkJob:
     device: str = "cpu"
     seed: int = 0
     allow_nan: bool = False
+    # For a re-indexed vocabulary tensor: the part of its row map for these rows.
+    row_map: Any = None
 
 
-def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[bytearray, int]:
-    """Raw bytes of rows [row_start, row_stop) of a tensor: one ranged read."""
+def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Tensor, int]:
+    """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor): one ranged read."""
     row_bytes = entry.row_bytes
-    buf = bytearray((row_stop - row_start) * row_bytes)
-    storage.read_range_into(file, entry.begin + row_start * row_bytes, memoryview(buf))
-    return buf, len(buf)
+    buf = torch.empty((row_stop - row_start) * row_bytes, dtype=torch.uint8)  # no zero-fill
+    if buf.numel():
+        storage.read_range_into(file, entry.begin + row_start * row_bytes, memoryview(buf.numpy()))
+    return buf, buf.numel()
 
 
-def _as_tensor(buf: bytearray, code: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if not buf:
+def _as_tensor(buf: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not buf.numel():
         return torch.empty(shape, dtype=DTYPES[code])
-    return torch.frombuffer(buf, dtype=DTYPES[code]).reshape(shape)
+    return buf.view(DTYPES[code]).reshape(shape)
 
 
 def _row_shape(tensor, rows: int) -> tuple[int, ...]:
     return (rows,) + tuple(tensor.shape[1:]) if tensor.shape else ()
 
 
-def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
-    """Read every parent's rows and widen them to the compute dtype."""
+def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False) -> tuple[ChunkInputs, int]:
+    """Read every parent's rows and widen them to the compute dtype (``raw``: keep their
+    stored dtype and only name the compute dtype; the method converts per block).
+
+    A re-indexed vocabulary tensor gathers its rows through the job's row map instead
+    (``pad_means``: the padding rows' values, see :mod:`dmerge.vocab`).
+    """
     tp = job.tensor
     dtype = COMPUTE_DTYPES[job.compute_dtype]
     shape = _row_shape(tp, job.row_stop - job.row_start)
     tensors = []
     nread = 0
-    for src in tp.sources:
-        buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
-        nread += n
-        t = _as_tensor(buf, src.entry.dtype, shape)
-        tensors.append(t.to(device=job.device, dtype=dtype))
+    if job.row_map is not None:
+        rest = tuple(tp.shape[1:])
+        if job.row_map.has_padding and pad_means is None and job.row_map.stop > job.row_map.n_tokens:
+            pad_means = _whole_tensor_pad_means(job)
+        tensors, nread = vocab.assemble(tp.sources, job.row_map, rest, dtype, job.device, pad_means)
+    else:
+        for src in tp.sources:
+            buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
+            nread += n
+            t = _as_tensor(buf, src.entry.dtype, shape).to(job.device)
+            tensors.append(t if raw else widen(t, dtype))
     inputs = ChunkInputs(
         tensor_name=tp.name,
         tensors=tensors,
@@ -80,42 +91,55 @@ def load_inputs(job: ChunkJob) -> tuple[ChunkInputs, int]:
         row_start=job.row_start,
         row_stop=job.row_stop,
         seed=job.seed,
+        compute_dtype=dtype if raw else None,
     )
     return inputs, nread
 
 
-def _context(tensor, prior: dict | None, seed: int = 0) -> ChunkInputs:
-    """A ChunkInputs without tensor data: parameters, shape and the statistics so far."""
-    return ChunkInputs(
-        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
-        model_params=tensor.model_params, full_shape=tensor.shape, stats=dict(prior or {}), seed=seed,
-    )
+def _whole_tensor_pad_means(job: ChunkJob) -> list:
+    rm = job.row_map
+    if (rm.start, rm.stop) != (0, rm.rows):
+        raise RuntimeError(f"{job.tensor.name}: padding means missing for a partial chunk")
+    return vocab.pad_means_of(job.tensor.sources, rm, tuple(job.tensor.shape[1:]))
 
 
-def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None) -> Any:
+def vocab_pad_partial(tensor, window) -> list:
+    """Per-source sums of one fixed block of a re-indexed vocabulary tensor's rows."""
+    return vocab.pad_partial(tensor.sources, window, tuple(tensor.shape[1:]))
+
+
+def vocab_pad_finalize(n_tokens: int, partials: list) -> list:
+    return vocab.pad_finalize(n_tokens, partials)
+
+
+def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None, pad_means: list | None = None) -> Any:
     """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``)."""
     method = get_method(job.tensor.method)
-    stat = method.statistics[stat_index]
-    if not stat.needed(_context(job.tensor, prior, job.seed)):
-        return None  # not needed for this tensor: nothing is read
-    if stat.input_dtype is not None and all(s.entry.dtype in _EXACT_IN[stat.input_dtype] for s in job.tensor.sources):
-        job = replace(job, compute_dtype=stat.input_dtype)
-    inputs, _ = load_inputs(job)
+    inputs, _ = load_inputs(job, pad_means, raw=method.raw_inputs)
     inputs.stats = dict(prior or {})
     return method.statistics[stat_index].chunk(inputs)
+
+
+def context_of(tensor, stats: dict | None = None) -> ChunkInputs:
+    """A tensor's resolved parameters as a ChunkInputs without data (for finalize/when)."""
+    return ChunkInputs(
+        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
+        model_params=tensor.model_params, full_shape=tensor.shape, row_stop=tensor.rows,
+        stats=dict(stats or {}),
+    )
 
 
 def finalize_statistic(tensor, stat_index: int, prior: dict | None, partials: list) -> dict:
     """Combine the chunk partials of one statistic; returns all statistics so far."""
     method = get_method(tensor.method)
     stat = method.statistics[stat_index]
-    context = _context(tensor, prior)
+    context = context_of(tensor, prior)
     out = dict(prior or {})
-    out[stat.name] = stat.final(stat.combine_all(partials), context) if stat.needed(context) else None
+    out[stat.name] = stat.final(stat.combine_all(partials), context)
     return out
 
 
-def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
+def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None = None) -> tuple[int, int]:
     """Merge one chunk and write it to its place. Returns (bytes read, bytes written).
 
     With ``stats`` None for a method that needs statistics, the chunk must be the whole
@@ -123,23 +147,26 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None) -> tuple[int, int]:
     """
     tp = job.tensor
     out_offset = tp.offset + job.row_start * tp.row_bytes
+    if tp.copy_bytes and job.row_map is not None:
+        rows, nread = vocab.gather_bytes(tp.sources, job.row_map, tp.row_bytes)
+        data = memoryview(rows.reshape(-1).numpy()) if rows.numel() else memoryview(b"")
+        write_range(job.out_path, out_offset, data)
+        return nread, len(data)
     if tp.copy_bytes:
         src = tp.sources[0]
         buf, nread = read_rows(src.file, src.entry, job.row_start, job.row_stop)
-        write_range(job.out_path, out_offset, memoryview(buf))
-        return nread, len(buf)
+        write_range(job.out_path, out_offset, memoryview(buf.numpy()))
+        return nread, nread
 
     method = get_method(tp.method)
-    inputs, nread = load_inputs(job)
-    if stats is None and method.statistics:
+    inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs)
+    needed = method.statistics_for(inputs) if method.statistics else []
+    if stats is None and needed:
         if (job.row_start, job.row_stop) != (0, tp.rows):
             raise RuntimeError(f"{tp.name}: statistics missing for a partial chunk")
         stats = {}
-        for stat in method.statistics:
+        for _, stat in needed:
             inputs.stats = dict(stats)
-            if not stat.needed(inputs):
-                stats[stat.name] = None
-                continue
             partial = stat.chunk(inputs)
             stats[stat.name] = stat.final(stat.combine_all([partial]), inputs)
     inputs.stats = dict(stats or {})
@@ -176,4 +203,5 @@ def itemsize_of(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "read_rows", "itemsize", "math"]
+__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
+           "vocab_pad_finalize", "context_of", "read_rows"]

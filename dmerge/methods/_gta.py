@@ -28,9 +28,7 @@ from typing import Callable
 import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
-from dmerge.methods._sparsify import (
-    ALL, NONE, Sparsifier, block_size, keep_mask, non_base_indices, rescale_statistic, task_vectors,
-)
+from dmerge.methods._sparsify import ALL, NONE, Sparsifier, blocks, compute_dtype, non_base_indices, rescale_statistic
 
 def gta_params(*, normalize: bool, rescale: bool) -> list[Param]:
     return [
@@ -52,76 +50,52 @@ def gta_model_params(extra: tuple[Param, ...] = ()) -> list[Param]:
 
 
 def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus: bool) -> torch.Tensor:
-    """The family's formula above, on one chunk.
-
-    Keep-masks are computed for the whole chunk (one byte per element); the float64 part
-    then runs block by block (on a CPU small enough to stay in cache), writing
-    into the base tensor, which becomes the result. Task vectors are modified in place.
-    """
-    base = x.base
+    """The family's formula above, on one chunk, row block by row block (the inputs come
+    as stored and are converted per block; everything stays small and cache-resident)."""
     idx = non_base_indices(x)
+    dtype = compute_dtype(x)
     if not idx:
-        return base
-    masks = {i: keep_mask(sparsifier, x, i) if sparsifier is not None else ALL for i in idx}
-    tvs = task_vectors(x)
+        return x.base.to(dtype)
     factors = x.stats.get("rescale") or {}
     weights = [x.model_params[i]["weight"] for i in idx]
-    keeps, scales = [], []
-    for i in idx:
-        keep = masks[i]
-        keeps.append(keep.reshape(-1) if isinstance(keep, torch.Tensor) else keep)
-        scales.append(factors.get(i, 1.0) if keep is not ALL else 1.0)
-    flats = [tvs[i].reshape(-1) for i in idx]
-    out = base.reshape(-1)
+    maskers = [sparsifier.masker(x, i) if sparsifier is not None else None for i in idx]
     normalize, lam = x.params["normalize"], x.params["lambda"]
     total = sum(weights)
-    divisors = _agreeing_weight_sums(weights, base) if consensus and normalize and len(weights) <= 12 else None
-    step = block_size(out)
-    width = min(step, out.numel())
-    if consensus:  # block-sized scratch, allocated once per chunk
-        opts = {"dtype": base.dtype, "device": base.device}
-        ones = torch.ones(width, **opts)
-        mixed_buf, sg_buf = torch.empty(width, **opts), torch.empty(width, **opts)
-        positive = torch.empty(width, dtype=torch.bool, device=base.device)
-        if divisors is not None:
-            code_buf = torch.empty(width, dtype=torch.int64, device=base.device)
-            div_buf = torch.empty(width, **opts)
-        elif normalize:
-            div_buf = torch.empty(width, **opts)
-    for s in range(0, out.numel(), step):
-        blk = slice(s, s + step)
+    divisors = _agreeing_weight_sums(weights, x.base, dtype) if consensus and normalize and len(weights) <= 12 else None
+    out = torch.empty(x.base.shape, dtype=dtype, device=x.base.device)
+    flat_out = out.view(-1)
+    at = 0
+    for xb in blocks(x):
+        base = xb.base
         ds = []
-        for d, keep, f, w in zip(flats, keeps, scales, weights):
-            d = d[blk]
-            if keep is NONE:
-                d.zero_()
-            elif keep is not ALL:
-                d.mul_(keep[blk])
-            if f != 1.0:
-                d.mul_(f)
+        for i, masker, w in zip(idx, maskers, weights):
+            d = xb.tensors[i] - base
+            if masker is not None:
+                keep = masker(xb, d)
+                if keep is NONE:
+                    d.zero_()
+                elif keep is not ALL:
+                    d.mul_(keep)
+                    if factors.get(i, 1.0) != 1.0:
+                        d.mul_(factors[i])
             ds.append(d.mul_(w))
-        nb = ds[0].numel()
-        if consensus:
-            mixed = mixed_buf[:nb].copy_(ds[0])
-        else:
-            mixed = ds[0]
+        mixed = ds[0].clone() if consensus else ds[0]
         for d in ds[1:]:
             mixed.add_(d)
         if consensus:
             # Elected sign sg of the summed task vector (copysign: -0.0 only arises when
             # every term is zero, where the sign does not matter). A model agrees where
             # sg * d_i > 0, and sg * sum_i relu(sg * d_i) == sum_i agree_i d_i exactly.
-            sg = torch.copysign(ones[:nb], mixed, out=sg_buf[:nb])
+            sg = torch.copysign(torch.ones_like(mixed), mixed)
             mixed.zero_()
-            agree = positive[:nb]
             if divisors is not None:
-                code = code_buf[:nb].zero_()
+                code = torch.zeros(mixed.shape, dtype=torch.int64, device=mixed.device)
             elif normalize:
-                divisor = div_buf[:nb].zero_()
+                divisor = torch.zeros_like(mixed)
             for bit, (d, w) in enumerate(zip(ds, weights)):
                 d.mul_(sg)
                 if normalize:
-                    torch.gt(d, 0, out=agree)
+                    agree = d > 0
                     if divisors is not None:
                         code.add_(agree, alpha=1 << bit)
                     else:
@@ -129,18 +103,20 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
                 mixed.add_(d.clamp_(min=0))
             mixed.mul_(sg)
             if divisors is not None:
-                mixed.div_(torch.index_select(divisors, 0, code, out=div_buf[:nb]))
+                mixed.div_(divisors[code])
             elif normalize:
                 mixed.div_(divisor.add_(divisor == 0))  # no agreeing model: divide by 1
         elif normalize and abs(total) >= 1e-8:  # as mergekit: a (near-)zero divisor is treated as 1
             mixed.div_(total)
         if lam != 1:
             mixed.mul_(lam)
-        out[blk].add_(mixed)
-    return base
+        n = mixed.numel()
+        torch.add(base.reshape(-1), mixed.reshape(-1), out=flat_out[at: at + n])
+        at += n
+    return out
 
 
-def _agreeing_weight_sums(weights: list[float], like: torch.Tensor) -> torch.Tensor:
+def _agreeing_weight_sums(weights: list[float], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """sum_i w_i [bit i of c] for every agreement pattern c, summed in model order as
     mergekit does (0 becomes 1: with no agreeing model the sum is not divided)."""
     table = []
@@ -149,7 +125,7 @@ def _agreeing_weight_sums(weights: list[float], like: torch.Tensor) -> torch.Ten
         for bit, w in enumerate(weights):
             acc = acc + (w if c >> bit & 1 else 0.0)
         table.append(acc if acc != 0 else 1.0)
-    return torch.tensor(table, dtype=like.dtype, device=like.device)
+    return torch.tensor(table, dtype=dtype, device=like.device)
 
 
 def register_gta(name: str, *, sparsifier: Sparsifier | None, consensus: bool, normalize: bool, rescale: bool,
@@ -172,6 +148,7 @@ def register_gta(name: str, *, sparsifier: Sparsifier | None, consensus: bool, n
         model_params=gta_model_params(extra_model_params),
         statistics=statistics,
         work_tensors=work_tensors,
+        raw_inputs=True,
         random=sparsifier is not None and sparsifier.random,
         check=check,
         reference=reference,

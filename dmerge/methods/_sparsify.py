@@ -27,9 +27,10 @@ Everything here is pure tensor math; no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -39,7 +40,6 @@ from dmerge.methods.base import ChunkInputs, Statistic
 # float64 blocks stay in a core's L2 cache (elementwise work, so any block size gives
 # the same bits).
 BLOCK = 1 << 18
-KEY_BLOCK = 1 << 20  # elements per step of the integer key passes (radix select)
 GPU_BLOCK = 1 << 24  # on a GPU, large steps: kernel launches, not caches, are the cost
 
 
@@ -48,44 +48,42 @@ def block_size(t: torch.Tensor, cpu_block: int = BLOCK) -> int:
     return cpu_block if t.device.type == "cpu" else GPU_BLOCK
 
 
-# ---------------------------------------------------------------------------------------
-# Per-ChunkInputs cache: with a single-chunk tensor the statistics and the method run on
-# the same ChunkInputs, so task vectors are computed once.
-
-
-def cache(x: ChunkInputs) -> dict:
-    return x.__dict__.setdefault("_sparsify_cache", {})
-
-
 def non_base_indices(x: ChunkInputs) -> list[int]:
     """Source indices of every model except the base (the task vectors' models)."""
     return [i for i in range(len(x.model_params)) if i != x.base_index]
 
 
-def task_vectors(x: ChunkInputs) -> dict[int, torch.Tensor]:
-    """``{source index: x_i - base}`` for every non-base source.
+def compute_dtype(x: ChunkInputs) -> torch.dtype:
+    return x.compute_dtype or x.tensors[0].dtype
 
-    Computed once per ChunkInputs and *in place* of the source tensors (a merge only
-    needs the base and the task vectors, so this saves one tensor per model).
+
+def blocks(x: ChunkInputs) -> Iterator[ChunkInputs]:
+    """The chunk as consecutive blocks of whole rows (about ``BLOCK`` elements each), its
+    tensors converted to the compute dtype block by block (the methods here take their
+    inputs as stored, ``raw_inputs``). Rows stay whole, so per-row work (DELLA's ranks)
+    and keyed randomness (``element_offset``) see the same thing in any block.
+
+    A block's tensors may be views of the chunk's: treat them as read-only.
     """
-    c = cache(x)
-    if "tv" not in c:
-        base = x.base
-        tvs = {}
-        for i in non_base_indices(x):
-            t = x.tensors[i]
-            tvs[i] = t.sub_(base)
-        c["tv"] = tvs
-    return c["tv"]
+    dtype = compute_dtype(x)
+    ref = x.tensors[0]
+    per_row = max(1, ref[0].numel()) if ref.dim() >= 2 else max(1, ref.numel())
+    rows = ref.shape[0] if ref.dim() >= 2 else 1
+    step = max(1, block_size(ref) // per_row)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if ref.dim() >= 2:
+            tensors = [t[r0:r1].to(dtype) for t in x.tensors]
+        else:
+            tensors = [t.to(dtype) for t in x.tensors]
+        yield dataclasses.replace(x, tensors=tensors, row_start=x.row_start + r0, row_stop=x.row_start + r1,
+                                  compute_dtype=None)
 
 
-def keep_mask(sparsifier: "Sparsifier", x: ChunkInputs, i: int):
-    """Model ``i``'s keep-mask for this chunk (ALL, NONE or a bool tensor), computed once
-    per ChunkInputs (the rescale statistic and the merge of a one-chunk tensor share it)."""
-    masks = cache(x).setdefault("masks", {})
-    if i not in masks:
-        masks[i] = sparsifier.mask(x, i)
-    return masks[i]
+def block_task_vectors(xb: ChunkInputs, ids: list[int]) -> dict[int, torch.Tensor]:
+    """``{i: x_i - base}`` for one block (new tensors, in the compute dtype)."""
+    base = xb.base
+    return {i: xb.tensors[i] - base for i in ids}
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,18 +140,11 @@ def splitmix64_reference(key: int, j: int) -> float:
 
 
 def keyed_keep(x: ChunkInputs, model_index: int, like: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
-    """Bernoulli keep-mask of this chunk (shape of ``like``): ``u < p`` elementwise, with
-    ``u`` the keyed uniform of each element's flat index in the whole tensor."""
+    """Bernoulli keep-mask shaped like ``like`` (the rows of ``x``): ``u < p`` elementwise,
+    with ``u`` the keyed uniform of each element's flat index in the whole tensor."""
     key = stream_key(x.seed, x.tensor_name, model_index)
-    n = like.numel()
-    keep = torch.empty(n, dtype=torch.bool, device=like.device)
-    flat_p = p.reshape(-1) if isinstance(p, torch.Tensor) else None
-    step = block_size(like)
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        u = keyed_uniform(key, x.element_offset + s, e - s, like.device)
-        torch.lt(u, flat_p[s:e] if flat_p is not None else p, out=keep[s:e])
-    return keep.reshape(like.shape)
+    u = keyed_uniform(key, x.element_offset, like.numel(), like.device).reshape(like.shape)
+    return u < p
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,48 +276,39 @@ def _locate(hist: torch.Tensor, rank: int) -> tuple[int, int]:
 class RankSelect:
     """Keep the elements of descending rank ``[lo, hi)`` by key, per selection id.
 
-    ``key_block(x, id, start, stop)`` returns the int32 keys of flat elements
-    ``[start, stop)`` of the chunk (non-negative, ordered like the ranking);
-    ``wanted(ctx)`` the ids that may need selecting (from parameters alone);
-    ``window(ctx, id, n, nonzero)`` the rank window ``(lo, hi)`` for ``n`` elements of
-    which ``nonzero`` have a non-zero key. Two statistics named ``{name}_coarse`` and
-    ``{name}_fine`` do the selection; :meth:`mask` applies it. Keys are computed block by
-    block (``KEY_BLOCK`` elements), never for a whole chunk at once.
+    ``keys(xb, ids)`` returns ``{id: int32 keys}`` of one row block (non-negative keys,
+    ordered like the ranking); ``wanted(ctx)`` the ids that may need selecting (from
+    parameters alone); ``window(ctx, id, n, nonzero)`` the rank window ``(lo, hi)`` for
+    ``n`` elements of which ``nonzero`` have a non-zero key. Two statistics named
+    ``{name}_coarse`` and ``{name}_fine`` do the selection; :meth:`masker` applies it
+    block by block.
     """
 
-    def __init__(self, name: str, key_block: Callable[[ChunkInputs, Any, int, int], torch.Tensor],
-                 wanted: Callable[[ChunkInputs], list], window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]],
-                 input_dtype: str | None = None, count_nonzero: bool = False):
+    def __init__(self, name: str, keys: Callable[[ChunkInputs, list], dict], wanted: Callable[[ChunkInputs], list],
+                 window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]], count_nonzero: bool = False):
         self.name = name
-        self.count_nonzero = count_nonzero  # does window() use the number of non-zero keys?
-        self.key_block = key_block
+        self.keys = keys
         self.wanted = wanted
         self.window = window
-        self.input_dtype = input_dtype  # keys need no more than this precision
+        self.count_nonzero = count_nonzero  # does window() use the number of non-zero keys?
         self.coarse_name = f"{name}_coarse"
         self.fine_name = f"{name}_fine"
-
-    @staticmethod
-    def _blocks(x: ChunkInputs):
-        n = x.tensors[0].numel()
-        step = block_size(x.tensors[0], KEY_BLOCK)
-        for s in range(0, n, step):
-            yield s, min(n, s + step)
 
     # -- stage 1 --------------------------------------------------------------------------
 
     def _coarse_chunk(self, x: ChunkInputs) -> dict:
-        out = {}
-        for i in self.wanted(x):
-            hist = torch.zeros(COARSE_BINS, dtype=torch.int64)
-            nonzero = 0
-            for s, e in self._blocks(x):
-                k = self.key_block(x, i, s, e)
+        ids = self.wanted(x)
+        hists = {i: torch.zeros(COARSE_BINS, dtype=torch.int64) for i in ids}
+        nonzero = dict.fromkeys(ids, 0)
+        for xb in blocks(x):
+            for i, k in self.keys(xb, ids).items():
                 if self.count_nonzero:
-                    nonzero += int(torch.count_nonzero(k))
-                hist += torch.bincount(k.bitwise_right_shift_(COARSE_SHIFT), minlength=COARSE_BINS).cpu()
-            nz = hist.nonzero().squeeze(1)
-            out[i] = ((nz, hist[nz]), nonzero)
+                    nonzero[i] += int(torch.count_nonzero(k))
+                hists[i] += torch.bincount(k.bitwise_right_shift_(COARSE_SHIFT).reshape(-1), minlength=COARSE_BINS).cpu()
+        out = {}
+        for i in ids:
+            nz = hists[i].nonzero().squeeze(1)
+            out[i] = ((nz, hists[i][nz]), nonzero[i])
         return out
 
     @staticmethod
@@ -360,27 +342,24 @@ class RankSelect:
     # -- stage 2 --------------------------------------------------------------------------
 
     def _fine_chunk(self, x: ChunkInputs) -> dict:
-        coarse = x.stats[self.coarse_name]
-        out = {}
-        for i, r in coarse.items():
-            if not isinstance(r, dict):
-                continue
-            bins = sorted({t["bin"] for t in r["targets"]})
-            hists = {b: torch.zeros(FINE_BINS + 2, dtype=torch.int64) for b in bins}
-            low = None
-            for s, e in self._blocks(x):
-                k = self.key_block(x, i, s, e)
-                if low is None or low.numel() < k.numel():
+        coarse = x.stats.get(self.coarse_name) or {}
+        bins = {i: sorted({t["bin"] for t in r["targets"]}) for i, r in coarse.items() if isinstance(r, dict)}
+        hists = {(i, b): torch.zeros(FINE_BINS + 2, dtype=torch.int64) for i, bs in bins.items() for b in bs}
+        if bins:
+            for xb in blocks(x):
+                for i, k in self.keys(xb, list(bins)).items():
+                    k = k.reshape(-1)
                     low = torch.empty_like(k)
-                for b in bins:
-                    # low bits of the keys inside bucket b, shifted by one; keys outside
-                    # land in the sentinel bins 0 and FINE_BINS + 1, dropped below
-                    lb = torch.sub(k, b << COARSE_SHIFT, out=low[: k.numel()]).clamp_(-1, FINE_BINS).add_(1)
-                    hists[b] += torch.bincount(lb, minlength=FINE_BINS + 2).cpu()
-            for b, h in hists.items():
-                h = h[1:-1]
-                nz = h.nonzero().squeeze(1)
-                out[(i, b)] = (nz, h[nz])
+                    for b in bins[i]:
+                        # low bits of the keys inside bucket b, shifted by one; keys outside
+                        # land in the sentinel bins 0 and FINE_BINS + 1, dropped below
+                        torch.sub(k, b << COARSE_SHIFT, out=low).clamp_(-1, FINE_BINS).add_(1)
+                        hists[(i, b)] += torch.bincount(low, minlength=FINE_BINS + 2).cpu()
+        out = {}
+        for key, h in hists.items():
+            h = h[1:-1]
+            nz = h.nonzero().squeeze(1)
+            out[key] = (nz, h[nz])
         return {x.row_start: out}
 
     @staticmethod
@@ -391,7 +370,7 @@ class RankSelect:
         return out
 
     def _fine_finalize(self, per_chunk: dict, ctx: ChunkInputs) -> dict:
-        coarse = ctx.stats[self.coarse_name]
+        coarse = ctx.stats.get(self.coarse_name) or {}
         starts = sorted(per_chunk)
         result = {}
         for i, r in coarse.items():
@@ -415,18 +394,12 @@ class RankSelect:
         return result
 
     def statistics(self) -> list[Statistic]:
-        def need_coarse(ctx):
+        def needed(ctx):  # from parameters alone; the fine pass does nothing if coarse settles all
             return bool(self.wanted(ctx))
 
-        def need_fine(ctx):
-            coarse = ctx.stats.get(self.coarse_name)
-            return bool(coarse) and any(isinstance(r, dict) for r in coarse.values())
-
         return [
-            Statistic(self.coarse_name, self._coarse_chunk, self._coarse_combine, self._coarse_finalize, need_coarse,
-                      input_dtype=self.input_dtype),
-            Statistic(self.fine_name, self._fine_chunk, self._fine_combine, self._fine_finalize, need_fine,
-                      input_dtype=self.input_dtype),
+            Statistic(self.coarse_name, self._coarse_chunk, self._coarse_combine, self._coarse_finalize, needed),
+            Statistic(self.fine_name, self._fine_chunk, self._fine_combine, self._fine_finalize, needed),
         ]
 
     # -- applying -------------------------------------------------------------------------
@@ -441,15 +414,17 @@ class RankSelect:
             return coarse[i]
         return ALL
 
-    def mask(self, x: ChunkInputs, i) -> torch.Tensor | str:
-        """Keep-mask of this chunk (flat bool tensor) for selection id ``i``, or ALL / NONE.
+    def masker(self, x: ChunkInputs, i) -> Callable[[torch.Tensor], torch.Tensor | str]:
+        """A function from the keys of each row block of this chunk, *in order*, to its
+        keep-mask (a bool tensor shaped like the keys), or ALL / NONE.
 
         Keys strictly inside the window's thresholds are kept; keys equal to a threshold
-        get consecutive ranks in flat-index order, continuing from the chunks before.
+        get consecutive ranks in flat-index order, continuing from the chunks and blocks
+        before.
         """
         r = self.result(x, i)
         if not isinstance(r, dict):
-            return r
+            return lambda keys: r
         lo, hi = r["lo"], r["hi"]
         ths = r["thresholds"]  # by rank: [rank lo,] rank hi - 1 (lo = 0 needs no upper cut)
         bottom = ths[-1]["key"]
@@ -457,26 +432,27 @@ class RankSelect:
         next_rank = {}
         for t in ths:  # the next tied element's rank, per threshold value
             next_rank.setdefault(t["key"], t["above"] + t["prefix"][x.row_start])
-        keep = torch.empty(x.tensors[0].numel(), dtype=torch.bool, device=x.tensors[0].device)
-        for s, e in self._blocks(x):
-            k = self.key_block(x, i, s, e)
-            out = keep[s:e]
-            torch.gt(k, bottom, out=out)
+
+        def mask(keys: torch.Tensor) -> torch.Tensor:
+            keep = keys > bottom
             if top is not None:
-                out &= k < top
+                keep &= keys < top
+            flat = keep.view(-1)
             for key, first in next_rank.items():
-                eq = k == key
+                eq = keys.reshape(-1) == key
                 count = int(eq.sum())
                 if count == 0:
                     continue
                 next_rank[key] = first + count
                 if first >= lo and first + count <= hi:
-                    out |= eq  # every tie of this block is inside the window
+                    flat |= eq  # every tie of this block is inside the window
                 elif first + count > lo and first < hi:  # the window's edge falls in this block
                     idx = eq.nonzero().squeeze(1)
                     rank = torch.arange(first, first + count, dtype=torch.int64, device=idx.device)
-                    out[idx[(rank >= lo) & (rank < hi)]] = True
-        return keep
+                    flat[idx[(rank >= lo) & (rank < hi)]] = True
+            return keep
+
+        return mask
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,11 +466,12 @@ def _density(x: ChunkInputs, i: int) -> float:
 
 
 class Sparsifier:
-    """Turns one model's task vector (chunk) into a keep-mask.
+    """Turns one model's task vector into a keep-mask, row block by row block.
 
-    ``mask(x, i)`` returns ALL (keep everything; no rescaling either, as mergekit returns
-    the task vector untouched for density >= 1), NONE, or a boolean tensor shaped like
-    the chunk (call it through :func:`keep_mask`).
+    ``masker(x, i)`` returns a function called with each row block ``xb`` of chunk ``x``
+    *in order* and model ``i``'s task vector on it; it answers ALL (keep everything; no
+    rescaling either, as mergekit returns the task vector untouched for density >= 1),
+    NONE, or a boolean tensor shaped like the block.
     """
 
     name = "none"
@@ -506,7 +483,7 @@ class Sparsifier:
     def statistics(self) -> list[Statistic]:
         return []
 
-    def mask(self, x: ChunkInputs, i: int):
+    def masker(self, x: ChunkInputs, i: int) -> Callable[[ChunkInputs, torch.Tensor], Any]:
         raise NotImplementedError
 
 
@@ -514,15 +491,14 @@ class _MagnitudeWindow(Sparsifier):
     """Keep a window of descending magnitude ranks of tau_i over the whole tensor."""
 
     def __init__(self, name: str):
-        # the keys are float32 magnitudes: the selection passes read the parents as float32
-        self.select = RankSelect(name, self._key_block, self._wanted, self._window, input_dtype="float32")
+        self.select = RankSelect(name, self._keys, self._wanted, self._window)
 
     def window(self, ctx: ChunkInputs, i: int, n: int) -> tuple[int, int]:
         raise NotImplementedError
 
     @staticmethod
-    def _key_block(x, i, start, stop):
-        return magnitude_key(task_vectors(x)[i].reshape(-1)[start:stop])
+    def _keys(xb, ids):
+        return {i: magnitude_key(tv) for i, tv in block_task_vectors(xb, ids).items()}
 
     def _trivial(self, ctx, i):
         """ALL or NONE when the window needs no selection, else None."""
@@ -545,9 +521,12 @@ class _MagnitudeWindow(Sparsifier):
     def statistics(self):
         return self.select.statistics()
 
-    def mask(self, x, i):
+    def masker(self, x, i):
         trivial = self._trivial(x, i)
-        return trivial if trivial is not None else self.select.mask(x, i).view(x.base.shape)
+        if trivial is not None:
+            return lambda xb, tv: trivial
+        select = self.select.masker(x, i)
+        return lambda xb, tv: select(magnitude_key(tv))
 
 
 class MagnitudeTopK(_MagnitudeWindow):
@@ -590,50 +569,50 @@ class RandomDrop(Sparsifier):
     name = "random"
     random = True
 
-    def mask(self, x, i):
+    def masker(self, x, i):
         d = _density(x, i)
         if d >= 1:
-            return ALL
+            return lambda xb, tv: ALL
         if d <= 0:
-            return NONE
-        return keyed_keep(x, i, x.base, d)
+            return lambda xb, tv: NONE
+        return lambda xb, tv: keyed_keep(xb, i, tv, d)
 
 
 class DellaMagprune(Sparsifier):
     """DELLA's MagPrune: keep probability grows linearly with the magnitude rank in its row.
 
     Per row (dimension 1 of a matrix; a vector is one row), ascending ranks ``r`` of |tau|
-    (ties by column index) give ``p = density - epsilon + 2 * epsilon * (r - 1) / (C - 1)``
+    (ties by column index) give ``p = density - epsilon + 2 * epsilon * r / (C - 1)``
     for C columns (``p = density`` when C = 1).
     """
 
     name = "della_magprune"
     random = True
 
-    def mask(self, x, i):
+    def masker(self, x, i):
         d = _density(x, i)
         if d >= 1:
-            return ALL
+            return lambda xb, tv: ALL
         if d <= 0:
-            return NONE
+            return lambda xb, tv: NONE
         eps = x.model_params[i]["epsilon"]
         if eps == 0:
-            return keyed_keep(x, i, x.base, d)
-        tv = task_vectors(x)[i]
-        mag = tv.abs() if tv.dim() >= 2 else tv.abs().unsqueeze(0)
-        cols = mag.shape[1]
-        if cols == 1:
-            p = torch.full_like(mag, d)
-        else:
-            order = torch.sort(mag, dim=1, stable=True).indices
-            del mag
-            shape = [1] * order.dim()
-            shape[1] = cols
-            ranks = torch.arange(cols, dtype=tv.dtype, device=tv.device).reshape(shape).expand_as(order)
-            p = torch.empty(order.shape, dtype=tv.dtype, device=tv.device).scatter_(1, order, ranks)
-            del order
-            p.mul_(2 * eps / (cols - 1)).add_(d - eps)
-        return keyed_keep(x, i, tv, p.reshape(tv.shape))
+            return lambda xb, tv: keyed_keep(xb, i, tv, d)
+        return lambda xb, tv: keyed_keep(xb, i, tv, _magprune_probability(tv, d, eps))
+
+
+def _magprune_probability(tv: torch.Tensor, d: float, eps: float) -> torch.Tensor:
+    mag = tv.abs() if tv.dim() >= 2 else tv.abs().unsqueeze(0)
+    cols = mag.shape[1]
+    if cols == 1:
+        return torch.full(tv.shape, d, dtype=tv.dtype, device=tv.device)
+    order = torch.sort(mag, dim=1, stable=True).indices
+    del mag
+    shape = [1] * order.dim()
+    shape[1] = cols
+    ranks = torch.arange(cols, dtype=tv.dtype, device=tv.device).reshape(shape).expand_as(order)
+    p = torch.empty(order.shape, dtype=tv.dtype, device=tv.device).scatter_(1, order, ranks)
+    return p.mul_(2 * eps / (cols - 1)).add_(d - eps).reshape(tv.shape)
 
 
 def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
@@ -647,17 +626,18 @@ def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
 
     def chunk(x):
         ids = wanted(x)
-        masks = {i: keep_mask(sparsifier, x, i) for i in ids}
-        tvs = task_vectors(x)
-        out = {}
-        for i in ids:
-            tv, m = tvs[i], masks[i]
-            before = exact_sum_partial(tv, absolute=True)
-            if isinstance(m, str):
-                out[i] = (before, before if m == ALL else None)
-            else:
-                out[i] = (before, exact_sum_partial(tv, absolute=True, mask=m))
-        return out
+        maskers = {i: sparsifier.masker(x, i) for i in ids}
+        before = {i: [] for i in ids}
+        after = {i: [] for i in ids}
+        for xb in blocks(x):
+            for i, tv in block_task_vectors(xb, ids).items():
+                m = maskers[i](xb, tv)
+                before[i].append(exact_sum_partial(tv, absolute=True))
+                if not isinstance(m, str):
+                    after[i].append(exact_sum_partial(tv, absolute=True, mask=m))
+                elif m == ALL:
+                    after[i].append(before[i][-1])
+        return {i: (exact_sum_combine(before[i]), exact_sum_combine(after[i])) for i in ids}
 
     def combine(partials):
         return {i: (exact_sum_combine([p[i][0] for p in partials]), exact_sum_combine([p[i][1] for p in partials]))

@@ -104,7 +104,9 @@ class ChunkInputs:
     """The inputs of one method call: rows ``[row_start, row_stop)`` of one tensor.
 
     ``tensors`` holds one tensor per source model in recipe order (compute dtype);
-    ``base_index`` points at the base model's tensor, if the recipe has one.
+    ``base_index`` points at the base model's tensor, if the recipe has one. For a method
+    declared with ``raw_inputs`` the tensors keep their stored dtype and ``compute_dtype``
+    says what to convert them to (the method does so piece by piece).
     """
 
     tensor_name: str
@@ -117,6 +119,7 @@ class ChunkInputs:
     row_stop: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    compute_dtype: torch.dtype | None = None
 
     @property
     def base(self) -> torch.Tensor:
@@ -137,7 +140,7 @@ class ChunkInputs:
         """A per-model parameter as a tensor of shape ``[n_models, 1, ...]``, ready to broadcast."""
         params = self.model_params if include_base else self.others_params
         ref = self.tensors[0]
-        values = torch.tensor([p[name] for p in params], dtype=ref.dtype, device=ref.device)
+        values = torch.tensor([p[name] for p in params], dtype=self.compute_dtype or ref.dtype, device=ref.device)
         return values.reshape((len(params),) + (1,) * ref.dim())
 
     @property
@@ -151,10 +154,9 @@ class ChunkInputs:
 class Statistic:
     """A tensor-wide number, reduced across chunks: chunk -> combine -> finalize.
 
-    ``when`` (optional) says whether this tensor needs the statistic at all, from a
-    context holding its parameters and the earlier statistics in ``stats`` (no tensor
-    data). When it answers False the statistic's value is None and no chunk is read for
-    it, so e.g. a rescale norm costs nothing when ``rescale`` is off.
+    ``when`` (optional) decides from a tensor's resolved parameters (a ChunkInputs
+    without tensors) whether the statistic is needed at all; a statistic that is not
+    needed costs no pass over the data and is absent from ``x.stats``.
     """
 
     name: str
@@ -162,14 +164,8 @@ class Statistic:
     combine: Callable[[list[Any]], Any] = None  # type: ignore[assignment]
     finalize: Callable[[Any, ChunkInputs], Any] = None  # type: ignore[assignment]
     when: Callable[[ChunkInputs], bool] | None = None
-    # A narrower compute dtype ("float32") in which this statistic's chunk gives the same
-    # partial as in the merge's, *provided the parents convert to it exactly*; the engine
-    # then reads them in it (half the conversion work of a pass over every parent) when
-    # they do (bf16, fp16, fp32 parents for float32), else in the merge's dtype. None:
-    # always the merge's dtype. A one-chunk tensor's statistics see the merge's dtype.
-    input_dtype: str | None = None
 
-    def needed(self, context: ChunkInputs) -> bool:
+    def applies(self, context: ChunkInputs) -> bool:
         return self.when is None or bool(self.when(context))
 
     def combine_all(self, partials: list[Any]) -> Any:
@@ -203,11 +199,18 @@ class MergeMethod:
     copies_bytes: bool = False
     single_source: bool = False
     random: bool = False
+    # The method converts its inputs to the compute dtype itself (e.g. per row block,
+    # which avoids whole-chunk float64 copies); it gets them as stored.
+    raw_inputs: bool = False
     # Optional plan-time check of one tensor's resolved parameters: (params, model_params)
     # -> error message or None. Lets a method refuse e.g. weights summing to zero up front.
     check: Callable[[dict, list[dict]], str | None] | None = None
     reference: str = ""
     doc: str = ""
+
+    def statistics_for(self, context: ChunkInputs) -> list[tuple[int, Statistic]]:
+        """(index, statistic) of the statistics one tensor needs, in declaration order."""
+        return [(i, s) for i, s in enumerate(self.statistics) if s.applies(context)]
 
     def param(self, name: str) -> Param | None:
         for p in self.params + self.model_params:

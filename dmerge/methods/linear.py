@@ -27,8 +27,8 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
 def linear(x: ChunkInputs) -> torch.Tensor:
     """Weighted sum of all sources (the base model too, if it has a weight)."""
     weights = [p["weight"] for p in x.model_params]
-    out = torch.zeros_like(x.tensors[0])
-    for w, t in zip(weights, x.tensors):
+    out = x.tensors[0] * weights[0]
+    for w, t in zip(weights[1:], x.tensors[1:]):
         out.add_(t, alpha=w)
     if x.params["normalize"]:
         out.div_(sum(weights))

@@ -19,21 +19,20 @@ Tang et al., "SCE: Select, Calculate, and Erase", https://arxiv.org/abs/2408.079
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 
 from dmerge.methods import ChunkInputs, Param, Statistic, merge_method
 from dmerge.methods._sparsify import (
-    ALL, NONE, RankSelect, cache, exact_sum_combine, exact_sum_partial, exact_sum_value, magnitude_key, non_base_indices,
-    task_vectors,
+    ALL, NONE, RankSelect, block_task_vectors, blocks, compute_dtype, exact_sum_combine, exact_sum_partial,
+    exact_sum_value, magnitude_key, non_base_indices,
 )
 
 VAR = "variance"
 
 
-def _variance_key(x: ChunkInputs, _id, start: int, stop: int) -> torch.Tensor:
-    """Keys of the population variance across task vectors, flat elements [start, stop)."""
-    tvs = [t.reshape(-1)[start:stop] for t in task_vectors(x).values()]
+def _variance(tvs: list[torch.Tensor]) -> torch.Tensor:
     mean = tvs[0].clone()
     for t in tvs[1:]:
         mean.add_(t)
@@ -42,8 +41,12 @@ def _variance_key(x: ChunkInputs, _id, start: int, stop: int) -> torch.Tensor:
     for t in tvs:
         d = t - mean
         var.add_(d.mul_(d))
-    var.div_(len(tvs))
-    return magnitude_key(var)
+    return var.div_(len(tvs))
+
+
+def _variance_key(xb: ChunkInputs, _ids) -> dict:
+    """Keys of the population variance across the task vectors, for one row block."""
+    return {VAR: magnitude_key(_variance(list(block_task_vectors(xb, non_base_indices(xb)).values())))}
 
 
 def _wanted(ctx: ChunkInputs) -> list:
@@ -58,37 +61,29 @@ def _window(ctx: ChunkInputs, _id, n: int, nonzero: int) -> tuple[int, int]:
 _select = RankSelect("sce_select", _variance_key, _wanted, _window, count_nonzero=True)
 
 
-def _selection(x: ChunkInputs):
-    """ALL, NONE or the boolean mask of selected elements of this chunk."""
+def _selected_blocks(x: ChunkInputs) -> Iterator[tuple[ChunkInputs, dict]]:
+    """Each row block with its task vectors, the selection applied."""
     topk = x.params["select_topk"]
-    if topk >= 1:
-        return ALL
-    if topk <= 0:
-        return NONE
-    keep = _select.mask(x, VAR)
-    return keep if isinstance(keep, str) else keep.view(x.base.shape)
-
-
-def _selected_task_vectors(x: ChunkInputs) -> dict:
-    """Task vectors with the selection applied (once per chunk, in place)."""
-    c = cache(x)
-    tvs = task_vectors(x)
-    if not c.get("sce_selected"):
-        sel = _selection(x)
-        if isinstance(sel, str):
-            if sel == NONE:
-                for t in tvs.values():
-                    t.zero_()
-        else:
-            drop = sel.logical_not_()
+    idx = non_base_indices(x)
+    select = _select.masker(x, VAR) if 0 < topk < 1 else (lambda keys: ALL if topk >= 1 else NONE)
+    for xb in blocks(x):
+        tvs = block_task_vectors(xb, idx)
+        keep = select(magnitude_key(_variance(list(tvs.values())))) if 0 < topk < 1 else select(None)
+        if keep is NONE:
             for t in tvs.values():
-                t.masked_fill_(drop, 0.0)
-        c["sce_selected"] = True
-    return tvs
+                t.zero_()
+        elif keep is not ALL:
+            for t in tvs.values():
+                t.mul_(keep)
+        yield xb, tvs
 
 
 def _weights_chunk(x: ChunkInputs) -> dict:
-    return {i: exact_sum_partial(t, square=True) for i, t in _selected_task_vectors(x).items()}
+    parts: dict = {i: [] for i in non_base_indices(x)}
+    for _, tvs in _selected_blocks(x):
+        for i, t in tvs.items():
+            parts[i].append(exact_sum_partial(t, square=True))
+    return {i: exact_sum_combine(p) for i, p in parts.items()}
 
 
 def _weights_combine(partials: list[dict]) -> dict:
@@ -117,28 +112,35 @@ _weights = Statistic("sce_weights", _weights_chunk, _weights_combine, _weights_f
         Param("int8_mask", kind=bool, default=False, doc="accepted for compatibility; no effect"),
     ],
     statistics=[*_select.statistics(), _weights],
-    work_tensors=2,
+    work_tensors=1,
+    raw_inputs=True,
     reference="https://arxiv.org/abs/2408.07990",
 )
 def sce(x: ChunkInputs) -> torch.Tensor:
     """Select high-variance elements, weight task vectors by mean square, erase minority signs."""
-    base = x.base
     idx = non_base_indices(x)
+    dtype = compute_dtype(x)
     if not idx:
-        return base
-    tvs = _selected_task_vectors(x)
+        return x.base.to(dtype)
     weights = x.stats["sce_weights"]
-    total = tvs[idx[0]].clone()
-    for i in idx[1:]:
-        total.add_(tvs[i])
-    positive = total >= 0
-    merged = total.zero_()
-    denom = torch.zeros_like(merged)
-    for i in idx:
-        t = tvs[i]
-        agree = torch.where(positive, t > 0, t < 0)
-        c = agree.to(t.dtype).mul_(weights[i])
-        merged.add_(t.mul_(c))
-        denom.add_(c)
-    merged.div_(denom.clamp_(min=1e-6))
-    return merged.add_(base)
+    out = torch.empty(x.base.shape, dtype=dtype, device=x.base.device)
+    flat_out = out.view(-1)
+    at = 0
+    for xb, tvs in _selected_blocks(x):
+        total = tvs[idx[0]].clone()
+        for i in idx[1:]:
+            total.add_(tvs[i])
+        positive = total >= 0
+        merged = total.zero_()
+        denom = torch.zeros_like(merged)
+        for i in idx:
+            t = tvs[i]
+            agree = torch.where(positive, t > 0, t < 0)
+            c = agree.to(t.dtype).mul_(weights[i])
+            merged.add_(t.mul_(c))
+            denom.add_(c)
+        merged.div_(denom.clamp_(min=1e-6))
+        n = merged.numel()
+        torch.add(xb.base.reshape(-1), merged.reshape(-1), out=flat_out[at: at + n])
+        at += n
+    return out

@@ -1,0 +1,283 @@
+"""Sums over a whole tensor that do not depend on how it was split into chunks.
+
+A floating-point sum depends on the order of its additions. To make a tensor-wide sum
+(a norm, a dot product) bit-identical however the rows were chunked, which worker ran
+which chunk and which CPU it ran on, every addition here happens in one fixed order,
+defined by the tensor's shape alone:
+
+* **within a row**: a pairwise tree over the row's elements (element ``i`` is added to
+  element ``i + n/2``, and so on), done with elementwise tensor additions only.
+  ``torch.sum`` is not used: its order is up to the kernel (SIMD width, and threads
+  when a single long row is reduced).
+* **across rows**: a dyadic tree over the *global* row index. Row pairs (2m, 2m+1) are
+  added, then pairs of those, and so on. A chunk adds the complete subtrees that lie
+  inside its rows and hands the others (at most two per level) to the reduction, which
+  finishes the same tree. The value of every tree node is therefore the same wherever
+  it was computed.
+
+Elementwise IEEE additions are exactly reproducible, so the totals are too. They are
+pairwise float64 sums: relative error about ``log2(n) * 2**-53`` of the sum of
+magnitudes, far below anything a bf16/fp16/fp32 output can show.
+
+Work inside a chunk goes by **row blocks** of about half a million elements
+(:func:`row_blocks`, :func:`blockwise`): temporaries stay small and cache-resident, and
+are reused by the allocator instead of being page-faulted in for every chunk (several
+times faster than whole-chunk temporaries). Splitting rows never changes a result, since
+rows are independent until the tree above combines them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+
+from dmerge.methods.base import ChunkInputs, Statistic
+
+BLOCK_ELEMENTS = 1 << 19  # elements per tensor in one row block
+
+# ------------------------------------------------------------------- within a chunk
+
+
+def lastdim_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension in a fixed pairwise order; shape ``x.shape[:-1]``."""
+    n = x.shape[-1]
+    if n == 0:
+        return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    while n > 1:
+        h = n // 2
+        y = x[..., :h] + x[..., h : 2 * h]
+        if n % 2:
+            y[..., :1] += x[..., 2 * h :]
+        x, n = y, h
+    return x[..., 0]
+
+
+def compute_dtype(x: ChunkInputs) -> torch.dtype:
+    return x.compute_dtype or x.tensors[0].dtype
+
+
+def row_blocks(x: ChunkInputs) -> Iterator[ChunkInputs]:
+    """The chunk as consecutive blocks of whole rows, in the compute dtype (same
+    parameters and stats). Inputs given as stored (``raw_inputs``) are converted here,
+    block by block.
+
+    Only tensors of two or more dimensions are split: a 1-D tensor's last-dimension
+    vector is the whole tensor.
+    """
+    dtype = compute_dtype(x)
+    shape = tuple(x.tensors[0].shape) if x.tensors else ()
+    per_row = max(1, x.tensors[0][0].numel()) if len(shape) >= 2 else 1
+    step = max(1, BLOCK_ELEMENTS // per_row)
+    if len(shape) < 2 or step >= shape[0]:
+        if all(t.dtype == dtype for t in x.tensors):
+            yield x
+        else:
+            yield dataclasses.replace(x, tensors=[t.to(dtype) for t in x.tensors], compute_dtype=None)
+        return
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        yield dataclasses.replace(
+            x, tensors=[t[r0:r1].to(dtype) for t in x.tensors], row_start=x.row_start + r0,
+            row_stop=x.row_start + r1, compute_dtype=None,
+        )
+
+
+def blockwise(x: ChunkInputs, fn: Callable[[ChunkInputs], torch.Tensor]) -> torch.Tensor:
+    """``fn`` applied to every row block, assembled into one output (for row-local math)."""
+    out = None
+    for xb in row_blocks(x):
+        y = fn(xb)
+        if xb.row_start == x.row_start and xb.row_stop == x.row_stop:
+            return y
+        if out is None:
+            out = torch.empty(x.tensors[0].shape, dtype=y.dtype, device=y.device)
+        out[xb.row_start - x.row_start : xb.row_stop - x.row_start] = y
+    return out
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View a chunk as ``[rows, elements per row]`` (a 1-D tensor's rows are its elements)."""
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    return x.reshape(x.shape[0], -1)
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-row sums ``[rows]`` of a chunk, over all its non-leading dimensions."""
+    return lastdim_sum(as_rows(x))
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    return shape[0] if len(shape) else 1
+
+
+def as_float64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.to(torch.float64)
+
+
+# ------------------------------------------------------------------- across chunks
+# A partial is (n_rows, [(level, index, value), ...]): tree nodes not yet combined.
+# Node (level, m) covers global rows [m * 2**level, (m + 1) * 2**level) of n_rows.
+
+TreePartial = tuple[int, list[tuple[int, int, torch.Tensor]]]
+
+
+def _count(n_rows: int, level: int) -> int:
+    return -(-n_rows // (1 << level))
+
+
+def tree_partial(values: torch.Tensor, row_start: int, n_rows: int) -> TreePartial:
+    """Reduce per-row values ``[rows, ...]`` of global rows ``[row_start, row_start + rows)``.
+
+    Returns the nodes of the canonical row tree that this chunk can complete, but whose
+    parents need rows outside it.
+    """
+    nodes: list[tuple[int, int, torch.Tensor]] = []
+    level, lo, x = 0, row_start, values
+    while x.shape[0]:
+        count = _count(n_rows, level)
+        if count == 1:  # the root
+            nodes.append((level, 0, x[0].clone()))
+            break
+        if lo % 2:  # a right child whose left sibling is in an earlier chunk
+            nodes.append((level, lo, x[0].clone()))
+            x, lo = x[1:], lo + 1
+            if not x.shape[0]:
+                break
+        hi = lo + x.shape[0]
+        tail = None
+        if hi % 2:  # the last node is a left child
+            if hi < count:  # its sibling is in a later chunk
+                nodes.append((level, hi - 1, x[-1].clone()))
+            else:  # it has no sibling: it is its own parent
+                tail = x[-1:]
+            x = x[:-1]
+        x = x[0::2] + x[1::2]
+        if tail is not None:
+            x = torch.cat([x, tail])
+        lo //= 2
+        level += 1
+    return n_rows, nodes
+
+
+def tree_combine(partials: list[TreePartial]) -> TreePartial:
+    """Merge partials, completing every tree node whose children are all present."""
+    n_rows = partials[0][0]
+    levels: dict[int, dict[int, torch.Tensor]] = {}
+    for n, nodes in partials:
+        if n != n_rows:
+            raise ValueError("partials of different tensors")
+        for level, index, value in nodes:
+            levels.setdefault(level, {})[index] = value
+    root_level = max(0, (n_rows - 1).bit_length())
+    kept: list[tuple[int, int, torch.Tensor]] = []
+    for level in range(root_level + 1):
+        here = levels.pop(level, {})
+        if level == root_level:
+            kept.extend((level, i, v) for i, v in here.items())
+            break
+        count = _count(n_rows, level)
+        up = levels.setdefault(level + 1, {})
+        for i in sorted(here):
+            v = here[i]
+            if i % 2 == 0 and i + 1 >= count:  # no sibling: its own parent
+                up[i // 2] = v
+            elif i % 2 == 0 and i + 1 in here:
+                up[i // 2] = v + here[i + 1]
+            elif i % 2 == 0 or i - 1 not in here:  # sibling still missing
+                kept.append((level, i, v))
+    return n_rows, kept
+
+
+def tree_total(partial: TreePartial) -> torch.Tensor:
+    """The root of a fully combined tree: the sum over all rows."""
+    n_rows, nodes = tree_combine([partial])
+    roots = [v for level, i, v in nodes if _count(n_rows, level) == 1 and i == 0]
+    if len(nodes) != 1 or len(roots) != 1:
+        raise RuntimeError(f"row tree incomplete: {[(lv, i) for lv, i, _ in nodes]} of {n_rows} rows")
+    return roots[0]
+
+
+def row_total_statistic(
+    name: str,
+    per_row: Callable[[ChunkInputs], torch.Tensor],
+    finalize: Callable[[torch.Tensor, ChunkInputs], object] | None = None,
+    when: Callable[[ChunkInputs], bool] | None = None,
+) -> Statistic:
+    """A statistic summing ``per_row(x)`` (float64 ``[rows, ...]``) over all rows of a tensor.
+
+    ``per_row`` is called on row blocks of each chunk. The finalized value is the total
+    (``[...]`` float64) or ``finalize(total, context)``.
+    """
+
+    def chunk(x: ChunkInputs) -> TreePartial:
+        n_rows = rows_of(x.full_shape)
+        parts = [tree_partial(per_row(xb).cpu(), xb.row_start, n_rows) for xb in row_blocks(x)]
+        return parts[0] if len(parts) == 1 else tree_combine(parts)
+
+    def final(partial: TreePartial, context: ChunkInputs):
+        total = tree_total(partial)
+        return total if finalize is None else finalize(total, context)
+
+    return Statistic(name=name, chunk=chunk, combine=tree_combine, finalize=final, when=when)
+
+
+# ------------------------------------------------------------------- Gram matrices
+
+
+def dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row inner products ``[rows]``: :func:`row_sums` of ``a * b``, with the first
+    level of the pairwise tree fused into the products (same result, half the memory)."""
+    a, b = as_rows(a), as_rows(b)
+    n = a.shape[1]
+    if n < 2:
+        return row_sums(a * b)
+    h = n // 2
+    y = a[:, :h] * b[:, :h]
+    y += a[:, h : 2 * h] * b[:, h : 2 * h]
+    if n % 2:
+        y[:, :1] += a[:, 2 * h :] * b[:, 2 * h :]
+    return lastdim_sum(y)
+
+
+def gram_rows(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row inner products of every pair of vectors: ``[rows, m(m+1)/2]`` (upper triangle)."""
+    cols = []
+    for i, a in enumerate(vectors):
+        for b in vectors[i:]:
+            cols.append(dot_rows(a, b))
+    return torch.stack(cols, dim=1)
+
+
+def gram_from_triangle(values: list[float]) -> list[list[float]]:
+    """The symmetric m x m matrix from its upper triangle, row-major."""
+    m = int(round(((8 * len(values) + 1) ** 0.5 - 1) / 2))
+    g = [[0.0] * m for _ in range(m)]
+    k = 0
+    for i in range(m):
+        for j in range(i, m):
+            g[i][j] = g[j][i] = float(values[k])
+            k += 1
+    return g
+
+
+def gram_statistic(
+    name: str,
+    vectors: Callable[[ChunkInputs], list[torch.Tensor]],
+    finalize: Callable[[list[list[float]], ChunkInputs], object] | None = None,
+    when: Callable[[ChunkInputs], bool] | None = None,
+) -> Statistic:
+    """Tensor-wide Gram matrix ``G[i][j] = <v_i, v_j>`` of the vectors ``vectors(x)``
+    (each a whole tensor flattened), as float64 Python floats; then ``finalize``.
+    ``vectors`` is called on row blocks."""
+
+    def per_row(x: ChunkInputs) -> torch.Tensor:
+        return gram_rows([as_float64(v) for v in vectors(x)])
+
+    def final(total: torch.Tensor, context: ChunkInputs):
+        g = gram_from_triangle(total.tolist())
+        return g if finalize is None else finalize(g, context)
+
+    return row_total_statistic(name, per_row, final, when)

@@ -1,0 +1,52 @@
+"""The command line as users call it: demo, dmerge-yaml alias, options."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from conftest import load_folder, write_recipe
+from dmerge.cli import main, mergekit_yaml
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = CliRunner().invoke(main, ["demo", str(tmp_path / "demo"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "logits finite: True" in result.output
+    assert os.path.exists(tmp_path / "demo" / "merged" / "model.safetensors.index.json")
+
+
+def test_dmerge_yaml_alias_takes_mergekit_arguments(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", f"""
+merge_method: linear
+models:
+  - model: {family['ft1']}
+    parameters: {{weight: 1.0}}
+  - model: {family['ft2']}
+    parameters: {{weight: 1.0}}
+""")
+    args = [recipe, str(tmp_path / "out"), "--cuda", "--lazy-unpickle", "--allow-crimes", "--out-shard-size", "1B",
+            "--no-copy-tokenizer", "--quiet"]
+    result = CliRunner().invoke(mergekit_yaml, args)
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors" in os.listdir(tmp_path / "out")  # one shard: unsharded name
+    assert len(load_folder(str(tmp_path / "out"))) == len(load_folder(family["ft1"]))
+
+
+def test_console_script_reports_bad_size():
+    result = CliRunner().invoke(main, ["run", "r.yml", "out", "--chunk-size", "lots"])
+    assert result.exit_code == 2 and "cannot parse size 'lots'" in result.output
+
+
+def test_methods_lists_registered():
+    result = CliRunner().invoke(main, ["methods"])
+    assert result.exit_code == 0
+    assert "linear" in result.output and "task_arithmetic" in result.output and "weight" in result.output
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "dmerge.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "plan" in out.stdout

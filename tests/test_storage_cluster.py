@@ -1,0 +1,122 @@
+"""Parents behind fsspec URLs are read by byte range; an external Dask cluster works."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from conftest import run_merge, shard_bytes, write_recipe
+
+
+class CountingMemoryFS(MemoryFileSystem):
+    """An in-memory fsspec filesystem that counts the bytes handed out."""
+
+    protocol = "countmem"
+    bytes_served = 0
+    whole_file_reads: list[str] = []
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("countmem://"))
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        data = super().cat_file(path, start=start, end=end, **kwargs)
+        if start is None and end is None and path.endswith(".safetensors"):
+            type(self).whole_file_reads.append(path)
+        type(self).bytes_served += len(data)
+        return data
+
+
+fsspec.register_implementation("countmem", CountingMemoryFS, clobber=True)
+
+
+def _upload(folder: str, url_root: str) -> str:
+    fs = fsspec.filesystem("countmem")
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            fs.pipe_file(f"{url_root}/{name}", f.read())
+    return f"countmem://{url_root}"
+
+
+RECIPE = """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.6}}
+  - model: {ft2}
+    parameters: {{weight: -0.2}}
+dtype: bfloat16
+"""
+
+
+def test_fsspec_parents_read_by_range(family, tmp_path):
+    urls = {k: _upload(family[k], f"/bucket/{k}") for k in ("base", "ft1", "ft2")}
+    run_merge(write_recipe(tmp_path / "local.yml", RECIPE.format(**family)), str(tmp_path / "local"))
+    CountingMemoryFS.bytes_served = 0
+    CountingMemoryFS.whole_file_reads.clear()
+    run_merge(write_recipe(tmp_path / "remote.yml", RECIPE.format(**urls)), str(tmp_path / "remote"), "--chunk-size", "16K")
+    assert shard_bytes(str(tmp_path / "local")) == shard_bytes(str(tmp_path / "remote"))
+    assert CountingMemoryFS.whole_file_reads == []
+    tensor_bytes = sum(os.path.getsize(os.path.join(family[k], f)) for k in ("base", "ft1", "ft2")
+                       for f in os.listdir(family[k]) if f.endswith(".safetensors"))
+    # every parent byte once, plus headers/config/index: nothing read twice
+    assert tensor_bytes <= CountingMemoryFS.bytes_served < tensor_bytes * 1.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def external_cluster():
+    """A `dask scheduler` and a `dask worker` (2 processes) on 127.0.0.1, stopped after."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(os.path.dirname(__file__))] + sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--no-dashboard"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
+                                   "--nthreads", "1", "--no-dashboard", "--memory-limit", "1GB"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        from distributed import Client
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                with Client(address, timeout="5s") as c:
+                    if len(c.scheduler_info()["workers"]) >= 2:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("dask cluster did not start")
+            time.sleep(0.5)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_external_scheduler_same_bytes(family, tmp_path, external_cluster):
+    recipe = write_recipe(tmp_path / "r.yml", RECIPE.format(**family))
+    run_merge(recipe, str(tmp_path / "local"), "--out-shard-size", "100K")
+    run_merge(recipe, str(tmp_path / "cluster"), "--out-shard-size", "100K", "--scheduler", external_cluster,
+              "--chunk-size", "8K")
+    assert shard_bytes(str(tmp_path / "local")) == shard_bytes(str(tmp_path / "cluster"))
