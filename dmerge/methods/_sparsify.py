@@ -35,11 +35,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from dmerge.methods.base import ChunkInputs, Statistic
+from dmerge.numerics import widen
 
 # Elements per step where a step needs several temporaries: small enough that a few
 # float64 blocks stay in a core's L2 cache (elementwise work, so any block size gives
 # the same bits).
-BLOCK = 1 << 18
+BLOCK = 1 << 17
 GPU_BLOCK = 1 << 24  # on a GPU, large steps: kernel launches, not caches, are the cost
 
 
@@ -57,15 +58,26 @@ def compute_dtype(x: ChunkInputs) -> torch.dtype:
     return x.compute_dtype or x.tensors[0].dtype
 
 
-def blocks(x: ChunkInputs) -> Iterator[ChunkInputs]:
+_EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def key_dtype(x: ChunkInputs) -> torch.dtype:
+    """float32 when the parents are stored in a type float32 holds exactly (then a float32
+    task vector has the same magnitude keys as the float64 one, see :func:`magnitude_key`),
+    else the compute dtype. Selection passes need only keys, so they compute in this."""
+    return torch.float32 if all(t.dtype in _EXACT_IN_FLOAT32 for t in x.tensors) else compute_dtype(x)
+
+
+def blocks(x: ChunkInputs, dtype: torch.dtype | None = None) -> Iterator[ChunkInputs]:
     """The chunk as consecutive blocks of whole rows (about ``BLOCK`` elements each), its
-    tensors converted to the compute dtype block by block (the methods here take their
-    inputs as stored, ``raw_inputs``). Rows stay whole, so per-row work (DELLA's ranks)
-    and keyed randomness (``element_offset``) see the same thing in any block.
+    tensors converted to ``dtype`` (default: the compute dtype) block by block (the
+    methods here take their inputs as stored, ``raw_inputs``). Rows stay whole, so
+    per-row work (DELLA's ranks) and keyed randomness (``element_offset``) see the same
+    thing in any block.
 
     A block's tensors may be views of the chunk's: treat them as read-only.
     """
-    dtype = compute_dtype(x)
+    dtype = dtype or compute_dtype(x)
     ref = x.tensors[0]
     per_row = max(1, ref[0].numel()) if ref.dim() >= 2 else max(1, ref.numel())
     rows = ref.shape[0] if ref.dim() >= 2 else 1
@@ -73,9 +85,9 @@ def blocks(x: ChunkInputs) -> Iterator[ChunkInputs]:
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if ref.dim() >= 2:
-            tensors = [t[r0:r1].to(dtype) for t in x.tensors]
+            tensors = [widen(t[r0:r1], dtype) for t in x.tensors]
         else:
-            tensors = [t.to(dtype) for t in x.tensors]
+            tensors = [widen(t, dtype) for t in x.tensors]
         yield dataclasses.replace(x, tensors=tensors, row_start=x.row_start + r0, row_stop=x.row_start + r1,
                                   compute_dtype=None)
 
@@ -285,8 +297,10 @@ class RankSelect:
     """
 
     def __init__(self, name: str, keys: Callable[[ChunkInputs, list], dict], wanted: Callable[[ChunkInputs], list],
-                 window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]], count_nonzero: bool = False):
+                 window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]], count_nonzero: bool = False,
+                 pass_dtype: Callable[[ChunkInputs], torch.dtype] | None = None):
         self.name = name
+        self.pass_dtype = pass_dtype or compute_dtype  # dtype the selection passes compute keys in
         self.keys = keys
         self.wanted = wanted
         self.window = window
@@ -300,7 +314,7 @@ class RankSelect:
         ids = self.wanted(x)
         hists = {i: torch.zeros(COARSE_BINS, dtype=torch.int64) for i in ids}
         nonzero = dict.fromkeys(ids, 0)
-        for xb in blocks(x):
+        for xb in blocks(x, self.pass_dtype(x)):
             for i, k in self.keys(xb, ids).items():
                 if self.count_nonzero:
                     nonzero[i] += int(torch.count_nonzero(k))
@@ -346,7 +360,7 @@ class RankSelect:
         bins = {i: sorted({t["bin"] for t in r["targets"]}) for i, r in coarse.items() if isinstance(r, dict)}
         hists = {(i, b): torch.zeros(FINE_BINS + 2, dtype=torch.int64) for i, bs in bins.items() for b in bs}
         if bins:
-            for xb in blocks(x):
+            for xb in blocks(x, self.pass_dtype(x)):
                 for i, k in self.keys(xb, list(bins)).items():
                     k = k.reshape(-1)
                     low = torch.empty_like(k)
@@ -491,7 +505,7 @@ class _MagnitudeWindow(Sparsifier):
     """Keep a window of descending magnitude ranks of tau_i over the whole tensor."""
 
     def __init__(self, name: str):
-        self.select = RankSelect(name, self._keys, self._wanted, self._window)
+        self.select = RankSelect(name, self._keys, self._wanted, self._window, pass_dtype=key_dtype)
 
     def window(self, ctx: ChunkInputs, i: int, n: int) -> tuple[int, int]:
         raise NotImplementedError
