@@ -129,7 +129,7 @@ def _agreeing_weight_sums(weights: list[float], like: torch.Tensor, dtype: torch
 
 
 def register_gta(name: str, *, sparsifier: Sparsifier | None, consensus: bool, normalize: bool, rescale: bool,
-                 reference: str, doc: str, extra_model_params: tuple[Param, ...] = (), work_tensors: int = 4,
+                 reference: str, doc: str, extra_model_params: tuple[Param, ...] = (), work_tensors: int = 1,
                  check: Callable | None = None) -> Callable:
     """Register one member of the family as merge method ``name``."""
     statistics = []
@@ -141,6 +141,7 @@ def register_gta(name: str, *, sparsifier: Sparsifier | None, consensus: bool, n
 
     method.__doc__ = doc
     method.__name__ = name
+    # work_tensors: the output in the compute dtype; everything else lives in row blocks
     return merge_method(
         name,
         requires_base=True,
