@@ -1,6 +1,7 @@
 """Building blocks of the sparsifying methods: exact, chunk-invariant and sort-free.
 
-Three tools, each giving the same bits however a tensor is split into row chunks:
+Each gives the same bits however a tensor is split into row chunks (and chunks into
+row blocks):
 
 * **Radix select** (:class:`RankSelect`): keep the elements of descending magnitude rank
   ``[lo, hi)`` of a whole tensor (TIES keeps ``[0, k)``, breadcrumbs a window below the
@@ -12,17 +13,14 @@ Three tools, each giving the same bits however a tensor is split into row chunks
   index (lower index ranks higher), so exactly ``hi - lo`` elements are kept; the
   second statistic also keeps each chunk's count of threshold ties so a chunk knows
   how many tied elements come before it.
-* **Exact sums** (:func:`exact_sum_partial`, :func:`exact_sum_combine`,
-  :func:`exact_sum_value`): a float64 sum that is correctly rounded, hence independent
-  of chunking and reduction order. Each value is split into three integer pieces of at
-  most 18 bits scaled by a power of two; pieces are added per binary exponent (integer
-  sums below 2^53 are exact in float64) and the few hundred bucket totals are summed
-  once with :func:`math.fsum`.
-* **Keyed randomness** (:func:`stream_key`, :func:`keyed_uniform`): uniform numbers in
-  [0, 1) from splitmix64 of a counter, keyed by (seed, tensor name, model index) and
-  indexed by the element's flat index in the whole tensor.
+* **Keyed randomness** (:func:`stream_key`, :func:`keyed_bits`, :func:`keyed_keep`):
+  32-bit uniform numbers from splitmix64 of a counter, keyed by (seed, tensor name,
+  model index) and indexed by the element's flat index in the whole tensor.
+* Tensor-wide sums (rescale norms, SCE's mean squares) use the split-independent
+  row-tree sums of :mod:`dmerge.methods._reduce`.
 
-Everything here is pure tensor math; no I/O.
+The methods take their inputs as stored (``raw_inputs``) and work row block by row
+block (:func:`blocks`), so temporaries stay small. Pure tensor math; no I/O.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from dmerge.methods._reduce import row_sums, rows_of, tree_combine, tree_partial, tree_total
 from dmerge.methods.base import ChunkInputs, Statistic
 from dmerge.numerics import widen
 
@@ -79,17 +78,14 @@ def blocks(x: ChunkInputs, dtype: torch.dtype | None = None) -> Iterator[ChunkIn
     """
     dtype = dtype or compute_dtype(x)
     ref = x.tensors[0]
-    per_row = max(1, ref[0].numel()) if ref.dim() >= 2 else max(1, ref.numel())
-    rows = ref.shape[0] if ref.dim() >= 2 else 1
-    step = max(1, block_size(ref) // per_row)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        if ref.dim() >= 2:
-            tensors = [widen(t[r0:r1], dtype) for t in x.tensors]
-        else:
-            tensors = [widen(t, dtype) for t in x.tensors]
-        yield dataclasses.replace(x, tensors=tensors, row_start=x.row_start + r0, row_stop=x.row_start + r1,
-                                  compute_dtype=None)
+    if ref.dim() < 2:  # a vector (or scalar) is one piece
+        yield dataclasses.replace(x, tensors=[widen(t, dtype) for t in x.tensors], compute_dtype=None)
+        return
+    step = max(1, block_size(ref) // max(1, ref[0].numel()))
+    for r0 in range(0, ref.shape[0], step):
+        r1 = min(ref.shape[0], r0 + step)
+        yield dataclasses.replace(x, tensors=[widen(t[r0:r1], dtype) for t in x.tensors],
+                                  row_start=x.row_start + r0, row_stop=x.row_start + r1, compute_dtype=None)
 
 
 def block_task_vectors(xb: ChunkInputs, ids: list[int]) -> dict[int, torch.Tensor]:
@@ -127,113 +123,54 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
-def keyed_uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniform float64 numbers in [0, 1) for counters ``start .. start + count - 1``.
-
-    splitmix64: ``z = key + (j + 1) * golden`` (mod 2^64), then its finalizer; the top 53
-    bits make the number. int64 arithmetic wraps around modulo 2^64, which is what the
-    generator needs; logical shifts are emulated with a mask.
-    """
-    z = torch.arange(start + 1, start + 1 + count, dtype=torch.int64, device=device)
+def _splitmix64(first: int, count: int, key: int, device) -> torch.Tensor:
+    """splitmix64 outputs for counters ``first .. first + count - 1`` (int64 bit patterns):
+    ``z = key + (c + 1) * golden`` (mod 2^64), then its finalizer. int64 arithmetic wraps
+    around modulo 2^64, which is what the generator needs; logical shifts are emulated."""
+    z = torch.arange(first + 1, first + 1 + count, dtype=torch.int64, device=device)
     z.mul_(_as_int64(_GOLDEN)).add_(_as_int64(key))
     z = (z ^ _shr(z, 30)).mul_(_as_int64(_MIX1))
     z = (z ^ _shr(z, 27)).mul_(_as_int64(_MIX2))
-    z = z ^ _shr(z, 31)
-    return _shr(z, 11).to(torch.float64).mul_(2.0**-53)
+    return z ^ _shr(z, 31)
 
 
-def splitmix64_reference(key: int, j: int) -> float:
-    """Pure-Python value of :func:`keyed_uniform` for counter ``j`` (for tests)."""
-    z = (key + (j + 1) * _GOLDEN) & _MASK64
+def keyed_bits(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform 32-bit integers (in int64) for elements ``start .. start + count - 1``.
+
+    Element ``j`` takes the low (even ``j``) or high (odd ``j``) half of splitmix64 of
+    counter ``j // 2``: one hash serves two elements.
+    """
+    if count <= 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    first = start // 2
+    z = _splitmix64(first, (start + count - 1) // 2 - first + 1, key, device)
+    halves = torch.stack([z & 0xFFFFFFFF, _shr(z, 32)], dim=1).reshape(-1)
+    return halves[start - 2 * first: start - 2 * first + count]
+
+
+def keyed_uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The uniforms in [0, 1) behind :func:`keyed_keep`: ``keyed_bits / 2^32`` (float64)."""
+    return keyed_bits(key, start, count, device).to(torch.float64).mul_(2.0**-32)
+
+
+def keyed_bits_reference(key: int, j: int) -> int:
+    """Pure-Python value of :func:`keyed_bits` for element ``j`` (for tests)."""
+    z = (key + (j // 2 + 1) * _GOLDEN) & _MASK64
     z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
     z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
     z = z ^ (z >> 31)
-    return (z >> 11) * 2.0**-53
+    return (z >> 32) if j % 2 else (z & 0xFFFFFFFF)
 
 
 def keyed_keep(x: ChunkInputs, model_index: int, like: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Bernoulli keep-mask shaped like ``like`` (the rows of ``x``): ``u < p`` elementwise,
-    with ``u`` the keyed uniform of each element's flat index in the whole tensor."""
+    with ``u = bits / 2^32`` the keyed uniform of each element's flat index in the whole
+    tensor (compared as integers: ``bits < ceil(p * 2^32)``, exact)."""
     key = stream_key(x.seed, x.tensor_name, model_index)
-    u = keyed_uniform(key, x.element_offset, like.numel(), like.device).reshape(like.shape)
-    return u < p
-
-
-# ---------------------------------------------------------------------------------------
-# Exact float64 sums
-
-ExactSum = tuple  # (min exponent, float64 tensor [3, span]) or None for an empty sum
-
-
-def exact_sum_partial(values: torch.Tensor, *, absolute: bool = False, square: bool = False,
-                      mask: torch.Tensor | None = None) -> ExactSum | None:
-    """Partial of an exactly rounded sum of ``values`` (any shape, converted to float64),
-    optionally of their absolute values or squares and only where ``mask`` is true
-    (computed block by block, without full-size temporaries).
-
-    ``v = M * 2^(e-53)`` with ``|M| < 2^53`` an integer (frexp); ``M`` is cut into pieces
-    ``hi * 2^35 + mid * 2^17 + lo`` of at most 18 bits; each piece is added into a bucket
-    of its exponent. Bucket totals stay integers below 2^53 for up to 2^35 terms, so the
-    additions are exact in any order.
-    """
-    flat = values.reshape(-1)
-    flat_mask = mask.reshape(-1) if mask is not None else None
-    parts = []
-    step = block_size(flat)
-    for s in range(0, flat.numel(), step):
-        v = flat[s: s + step].to(torch.float64)
-        if absolute:
-            v = v.abs()
-        elif square:
-            v = v.square()
-        if flat_mask is not None:
-            v = v * flat_mask[s: s + step]
-        parts.append(_exact_sum_slice(v))
-    return exact_sum_combine(parts)
-
-
-def _exact_sum_slice(v: torch.Tensor) -> ExactSum:
-    m, e = torch.frexp(v)
-    m.mul_(2.0**53)  # integer-valued
-    hi = torch.trunc(m * 2.0**-35)
-    m.sub_(hi * 2.0**35)
-    mid = torch.trunc(m * 2.0**-17)
-    m.sub_(mid * 2.0**17)  # now the low piece
-    e = e.to(torch.int64)
-    emin, emax = int(e.min()), int(e.max())
-    e.sub_(emin)
-    span = emax - emin + 1
-    sums = torch.stack([torch.bincount(e, weights=p, minlength=span) for p in (hi, mid, m)]).cpu()
-    return (emin, sums)
-
-
-def exact_sum_combine(partials: list[ExactSum | None]) -> ExactSum | None:
-    parts = [p for p in partials if p is not None]
-    if not parts:
-        return None
-    emin = min(p[0] for p in parts)
-    emax = max(p[0] + p[1].shape[1] - 1 for p in parts)
-    out = torch.zeros((3, emax - emin + 1), dtype=torch.float64)
-    for lo, sums in parts:
-        out[:, lo - emin: lo - emin + sums.shape[1]] += sums
-    return (emin, out)
-
-
-def exact_sum_value(partial: ExactSum | None) -> float:
-    """The correctly rounded float64 value of a combined exact sum."""
-    if partial is None:
-        return 0.0
-    emin, sums = partial
-    terms = []
-    for piece, shift in zip(sums.tolist(), (18, 36, 53)):
-        for j, s in enumerate(piece):
-            if s:
-                terms.append(math.ldexp(s, emin + j - shift))
-    return math.fsum(terms)
-
-
-def exact_sum(values: torch.Tensor) -> float:
-    return exact_sum_value(exact_sum_partial(values))
+    bits = keyed_bits(key, x.element_offset, like.numel(), like.device).reshape(like.shape)
+    if isinstance(p, torch.Tensor):
+        return bits < p.mul(2.0**32).ceil_().to(torch.int64)
+    return bits < math.ceil(p * 2.0**32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -616,22 +553,29 @@ class DellaMagprune(Sparsifier):
 
 
 def _magprune_probability(tv: torch.Tensor, d: float, eps: float) -> torch.Tensor:
-    mag = tv.abs() if tv.dim() >= 2 else tv.abs().unsqueeze(0)
+    """Keep probabilities from ascending magnitude ranks within each row (along dimension
+    1; a vector is one row). Ranked by the float32 magnitude key, ties by column: one
+    sort of unique int64 keys ``key << bits | column`` (no stable sort needed)."""
+    mag = tv if tv.dim() >= 2 else tv.unsqueeze(0)
     cols = mag.shape[1]
     if cols == 1:
         return torch.full(tv.shape, d, dtype=tv.dtype, device=tv.device)
-    order = torch.sort(mag, dim=1, stable=True).indices
-    del mag
-    shape = [1] * order.dim()
+    shape = [1] * mag.dim()
     shape[1] = cols
-    ranks = torch.arange(cols, dtype=tv.dtype, device=tv.device).reshape(shape).expand_as(order)
+    column = torch.arange(cols, dtype=torch.int64, device=tv.device).reshape(shape)
+    combined = magnitude_key(mag).to(torch.int64).bitwise_left_shift_((cols - 1).bit_length()).add_(column)
+    order = torch.sort(combined, dim=1).indices
+    del combined
+    ranks = column.to(tv.dtype).expand_as(order)
     p = torch.empty(order.shape, dtype=tv.dtype, device=tv.device).scatter_(1, order, ranks)
     return p.mul_(2 * eps / (cols - 1)).add_(d - eps).reshape(tv.shape)
 
 
 def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
     """mergekit's ``rescale``: scale each sparsified task vector by
-    ``sum|tau| / sum|mask * tau|`` over the whole tensor (its l1 norm is kept)."""
+    ``sum|tau| / sum|mask * tau|`` over the whole tensor (its l1 norm is kept).
+
+    The two sums per model are split-independent row-tree sums (``_reduce``)."""
 
     def wanted(ctx):
         if not ctx.params.get("rescale"):
@@ -640,28 +584,26 @@ def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
 
     def chunk(x):
         ids = wanted(x)
+        n_rows = rows_of(x.full_shape)
         maskers = {i: sparsifier.masker(x, i) for i in ids}
-        before = {i: [] for i in ids}
-        after = {i: [] for i in ids}
+        parts = []
         for xb in blocks(x):
+            cols = []
             for i, tv in block_task_vectors(xb, ids).items():
                 m = maskers[i](xb, tv)
-                before[i].append(exact_sum_partial(tv, absolute=True))
-                if not isinstance(m, str):
-                    after[i].append(exact_sum_partial(tv, absolute=True, mask=m))
-                elif m == ALL:
-                    after[i].append(before[i][-1])
-        return {i: (exact_sum_combine(before[i]), exact_sum_combine(after[i])) for i in ids}
+                a = tv.abs_()
+                before = row_sums(a)  # may be a view of ``a`` (one element per row): no in-place below
+                after = before if m is ALL else (torch.zeros_like(before) if m is NONE else row_sums(a * m))
+                cols += [before, after]
+            parts.append(tree_partial(torch.stack(cols, dim=1).cpu(), xb.row_start, n_rows))
+        return parts[0] if len(parts) == 1 else tree_combine(parts)
 
-    def combine(partials):
-        return {i: (exact_sum_combine([p[i][0] for p in partials]), exact_sum_combine([p[i][1] for p in partials]))
-                for i in partials[0]}
-
-    def finalize(combined, ctx):
+    def finalize(partial, ctx):
+        total = tree_total(partial).tolist()
         factors = {}
-        for i, (b, a) in combined.items():
-            before, after = exact_sum_value(b), exact_sum_value(a)
+        for k, i in enumerate(wanted(ctx)):
+            before, after = total[2 * k], total[2 * k + 1]
             factors[i] = before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0
         return factors
 
-    return Statistic("rescale", chunk, combine, finalize, lambda ctx: bool(wanted(ctx)))
+    return Statistic("rescale", chunk, tree_combine, finalize, lambda ctx: bool(wanted(ctx)))

@@ -11,7 +11,8 @@
 
 Parameters: select_topk (default 1: no selection), int8_mask (no effect). The variance
 threshold is found by radix select over the float32 rounding of the variance (ties by
-flat index), the mean squares by exact sums: both are tensor-wide statistics.
+flat index), the mean squares by split-independent row-tree sums: both are tensor-wide
+statistics.
 
 Tang et al., "SCE: Select, Calculate, and Erase", https://arxiv.org/abs/2408.07990
 """
@@ -24,9 +25,9 @@ from typing import Iterator
 import torch
 
 from dmerge.methods import ChunkInputs, Param, Statistic, merge_method
+from dmerge.methods._reduce import row_sums, rows_of, tree_combine, tree_partial, tree_total
 from dmerge.methods._sparsify import (
-    ALL, NONE, RankSelect, block_task_vectors, blocks, compute_dtype, exact_sum_combine, exact_sum_partial,
-    exact_sum_value, magnitude_key, non_base_indices,
+    ALL, NONE, RankSelect, block_task_vectors, blocks, compute_dtype, magnitude_key, non_base_indices,
 )
 
 VAR = "variance"
@@ -78,28 +79,24 @@ def _selected_blocks(x: ChunkInputs) -> Iterator[tuple[ChunkInputs, dict]]:
         yield xb, tvs
 
 
-def _weights_chunk(x: ChunkInputs) -> dict:
-    parts: dict = {i: [] for i in non_base_indices(x)}
-    for _, tvs in _selected_blocks(x):
-        for i, t in tvs.items():
-            parts[i].append(exact_sum_partial(t, square=True))
-    return {i: exact_sum_combine(p) for i, p in parts.items()}
+def _weights_chunk(x: ChunkInputs):
+    n_rows = rows_of(x.full_shape)
+    parts = [tree_partial(torch.stack([row_sums(t.square()) for t in tvs.values()], dim=1).cpu(), xb.row_start, n_rows)
+             for xb, tvs in _selected_blocks(x)]
+    return parts[0] if len(parts) == 1 else tree_combine(parts)
 
 
-def _weights_combine(partials: list[dict]) -> dict:
-    return {i: exact_sum_combine([p[i] for p in partials]) for i in partials[0]}
-
-
-def _weights_finalize(combined: dict, ctx: ChunkInputs) -> dict:
+def _weights_finalize(partial, ctx: ChunkInputs) -> dict:
     n = math.prod(ctx.full_shape)
-    means = {i: exact_sum_value(s) / n for i, s in combined.items()}
+    sums = tree_total(partial).tolist()
+    means = {i: v / n for i, v in zip(non_base_indices(ctx), sums)}
     total = sum(means.values())
     if abs(total) < 1e-6:  # as mergekit: (near-)zero task vectors weigh equally
         return {i: 1.0 / len(means) for i in means}
     return {i: m / total for i, m in means.items()}
 
 
-_weights = Statistic("sce_weights", _weights_chunk, _weights_combine, _weights_finalize,
+_weights = Statistic("sce_weights", _weights_chunk, tree_combine, _weights_finalize,
                      when=lambda ctx: bool(non_base_indices(ctx)) and math.prod(ctx.full_shape) > 0)
 
 
