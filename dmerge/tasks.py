@@ -14,12 +14,15 @@ from typing import Any
 import torch
 
 from dmerge import vocab
+from dmerge.allocator import keep_freed_memory
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.output import write_range
 from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import round_to, widen
+
+keep_freed_memory()  # workers import this module: tune their allocator once
 
 # Elements per block of the cache-blocked elementwise path (1 MiB of float64 per input).
 ELEMENTWISE_BLOCK = 1 << 17
@@ -44,12 +47,18 @@ class ChunkJob:
 
 
 def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Tensor, int]:
-    """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor): one ranged read."""
+    """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor): one ranged
+    read, or for a local file a private memory map of that range."""
     row_bytes = entry.row_bytes
-    buf = torch.empty((row_stop - row_start) * row_bytes, dtype=torch.uint8)  # no zero-fill
-    if buf.numel():
-        storage.read_range_into(file, entry.begin + row_start * row_bytes, memoryview(buf.numpy()))
-    return buf, buf.numel()
+    n = (row_stop - row_start) * row_bytes
+    offset = entry.begin + row_start * row_bytes
+    if n and not storage.is_url(file):
+        mapping, at = storage.map_range(file, offset, n)
+        return torch.frombuffer(mapping, dtype=torch.uint8, offset=at, count=n), n
+    buf = torch.empty(n, dtype=torch.uint8)  # no zero-fill
+    if n:
+        storage.read_range_into(file, offset, memoryview(buf.numpy()))
+    return buf, n
 
 
 def _as_tensor(buf: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
