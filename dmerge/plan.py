@@ -389,7 +389,8 @@ def build_plan(
             per_row = numel_row * out_item * (2 if row_map is not None else 1)
         else:
             in_items = sum(itemsize(s.entry.dtype) for s in src_tensors)
-            converted = 0 if m.raw_inputs else len(src_tensors)  # raw_inputs: converted per block
+            blocked = m.raw_inputs or (m.elementwise and not m.statistics)
+            converted = 0 if blocked else len(src_tensors)  # blocked methods widen per cache-sized block
             per_row = numel_row * (in_items + (converted + m.work_tensors) * compute_itemsize + out_item)
         if len(out_shape) < 2:  # vectors are small: one task each
             rows_per_chunk = rows

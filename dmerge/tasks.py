@@ -7,18 +7,25 @@ planned offset, so it never passes through the scheduler or the client.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dmerge import vocab
+from dmerge.allocator import keep_freed_memory
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.output import write_range
 from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import round_to, widen
+
+keep_freed_memory()  # workers import this module: tune their allocator once
+
+# Elements per block of the cache-blocked elementwise path (1 MiB of float64 per input).
+ELEMENTWISE_BLOCK = 1 << 17
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -40,12 +47,18 @@ class ChunkJob:
 
 
 def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Tensor, int]:
-    """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor): one ranged read."""
+    """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor): one ranged
+    read, or for a local file a private memory map of that range."""
     row_bytes = entry.row_bytes
-    buf = torch.empty((row_stop - row_start) * row_bytes, dtype=torch.uint8)  # no zero-fill
-    if buf.numel():
-        storage.read_range_into(file, entry.begin + row_start * row_bytes, memoryview(buf.numpy()))
-    return buf, buf.numel()
+    n = (row_stop - row_start) * row_bytes
+    offset = entry.begin + row_start * row_bytes
+    if n and not storage.is_url(file):
+        mapping, at = storage.map_range(file, offset, n)
+        return torch.frombuffer(mapping, dtype=torch.uint8, offset=at, count=n), n
+    buf = torch.empty(n, dtype=torch.uint8)  # no zero-fill
+    if n:
+        storage.read_range_into(file, offset, memoryview(buf.numpy()))
+    return buf, n
 
 
 def _as_tensor(buf: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -159,7 +172,11 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None
         return nread, nread
 
     method = get_method(tp.method)
-    inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs)
+    blockwise = method.elementwise and not method.statistics
+    inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs or blockwise)
+    if blockwise:
+        return nread, _finish(job, _merge_blockwise(inputs, method, DTYPES[tp.dtype], COMPUTE_DTYPES[job.compute_dtype]),
+                              out_offset)
     needed = method.statistics_for(inputs) if method.statistics else []
     if stats is None and needed:
         if (job.row_start, job.row_stop) != (0, tp.rows):
@@ -172,10 +189,35 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None
     inputs.stats = dict(stats or {})
     with torch.no_grad():
         result = method.fn(inputs)
+    return nread, _finish(job, round_to(result, DTYPES[tp.dtype]), out_offset)
+
+
+def _merge_blockwise(inputs: ChunkInputs, method, out_dtype: torch.dtype, compute: torch.dtype) -> torch.Tensor:
+    """Run an elementwise method over flat blocks small enough to stay in cache.
+
+    Each block is widened, merged and rounded before the next is touched, so the
+    float64 temporaries never travel to main memory; the result is the same as one
+    call on the whole chunk because every element is computed independently.
+    """
+    shape = inputs.tensors[0].shape
+    flat = [t.reshape(-1) for t in inputs.tensors]
+    n = flat[0].numel()
+    out = torch.empty(n, dtype=out_dtype, device=flat[0].device)
+    with torch.no_grad():
+        for a in range(0, n, ELEMENTWISE_BLOCK):
+            b = min(n, a + ELEMENTWISE_BLOCK)
+            block = dataclasses.replace(inputs, tensors=[widen(t[a:b], compute) for t in flat])
+            out[a:b] = round_to(method.fn(block), out_dtype)
+    return out.reshape(shape)
+
+
+def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int) -> int:
+    """Check the rounded rows and write them at their offset; returns bytes written."""
+    tp = job.tensor
     expected = _row_shape(tp, job.row_stop - job.row_start)
-    if tuple(result.shape) != expected:
-        raise MergeExecutionError(f"{tp.name}: {tp.method} returned shape {list(result.shape)}, expected {list(expected)}")
-    out = round_to(result, DTYPES[tp.dtype]).contiguous().cpu()
+    if tuple(out.shape) != expected:
+        raise MergeExecutionError(f"{tp.name}: {tp.method} returned shape {list(out.shape)}, expected {list(expected)}")
+    out = out.contiguous().cpu()
     if not job.allow_nan and out.is_floating_point() and not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).sum())
         raise MergeExecutionError(
@@ -187,7 +229,7 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None
     if len(data) != expected_bytes:
         raise MergeExecutionError(f"{tp.name}: produced {len(data)} bytes, expected {expected_bytes}")
     write_range(job.out_path, out_offset, data)
-    return nread, len(data)
+    return len(data)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

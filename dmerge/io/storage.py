@@ -8,6 +8,7 @@ a slice of a 10 GB shard costs only the bytes of the slice.
 
 from __future__ import annotations
 
+import mmap
 import os
 import posixpath
 import re
@@ -115,6 +116,24 @@ def read_range_into(location: str, offset: int, out: memoryview) -> None:
     if len(data) != n:
         raise OSError(f"short read from {location}: wanted {n} bytes at {offset}, got {len(data)}")
     out[:] = data
+
+
+def map_range(location: str, offset: int, length: int) -> tuple[mmap.mmap, int]:
+    """Map ``length`` bytes of a local file at ``offset`` (copy-on-write, private).
+
+    Returns the mapping and the position of ``offset`` inside it (mappings start on a
+    page boundary). Reading through the mapping costs a page-table entry per page of
+    the page cache instead of a copy into freshly zeroed memory: on the merge path that
+    is the biggest saving after the arithmetic. Writes to the mapping stay private.
+    """
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    fd = os.open(location, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, offset - start + length, flags=mmap.MAP_PRIVATE,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    finally:
+        os.close(fd)
+    return mapping, offset - start
 
 
 def read_range(location: str, offset: int, length: int) -> bytearray:

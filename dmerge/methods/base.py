@@ -202,6 +202,10 @@ class MergeMethod:
     # The method converts its inputs to the compute dtype itself (e.g. per row block,
     # which avoids whole-chunk float64 copies); it gets them as stored.
     raw_inputs: bool = False
+    # Each output element depends only on the same element of the inputs (and the
+    # parameters): the engine then runs the method on cache-sized flat blocks, widening
+    # and rounding block by block, so float64 temporaries never leave the CPU cache.
+    elementwise: bool = False
     # Optional plan-time check of one tensor's resolved parameters: (params, model_params)
     # -> error message or None. Lets a method refuse e.g. weights summing to zero up front.
     check: Callable[[dict, list[dict]], str | None] | None = None

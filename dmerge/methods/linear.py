@@ -22,6 +22,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     params=[Param("normalize", kind=bool, default=True, doc="divide by the sum of weights")],
     model_params=[Param("weight", required=True, doc="coefficient of this model")],
     check=_check,
+    elementwise=True,
     reference="https://arxiv.org/abs/2203.05482",
 )
 def linear(x: ChunkInputs) -> torch.Tensor:
