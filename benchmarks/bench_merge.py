@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -195,7 +196,7 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
         for tool, ms in runs.items():
             walls = sorted(m["wall"] for m in ms)
-            result[tool] = {"wall": walls[len(walls) // 2], "peak_rss": max(m["peak_rss"] for m in ms),
+            result[tool] = {"wall": statistics.median(walls), "peak_rss": max(m["peak_rss"] for m in ms),
                             "walls": walls}
         rows.append(result)
 
