@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -202,4 +201,4 @@ def describe_result(result: RunResult) -> str:
             f"({format_bytes(result.bytes_read)} read, {format_bytes(rate)}/s, {result.n_tasks} tasks)")
 
 
-__all__ = ["ClusterOptions", "RunResult", "run_plan", "describe_result", "dask_client", "json"]
+__all__ = ["ClusterOptions", "RunResult", "run_plan", "describe_result", "dask_client"]

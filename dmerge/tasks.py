@@ -235,14 +235,7 @@ def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int) -> int:
 def _bytes_of(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
-    flat = t.reshape(-1)
-    size = itemsize_of(t.dtype)
-    view_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
-    return memoryview(flat.view(view_dtype).numpy()).cast("B")
-
-
-def itemsize_of(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 __all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
