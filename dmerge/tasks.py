@@ -17,7 +17,7 @@ from dmerge import vocab
 from dmerge.allocator import keep_freed_memory
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
-from dmerge.io.output import write_range
+from dmerge.io.output import copy_range, write_range
 from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import round_to, widen
@@ -167,6 +167,10 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None
         return nread, len(data)
     if tp.copy_bytes:
         src = tp.sources[0]
+        nbytes = (job.row_stop - job.row_start) * tp.row_bytes
+        src_offset = src.entry.begin + job.row_start * src.entry.row_bytes
+        if nbytes and not storage.is_url(src.file) and copy_range(src.file, src_offset, job.out_path, out_offset, nbytes):
+            return nbytes, nbytes
         buf, nread = read_rows(src.file, src.entry, job.row_start, job.row_stop)
         write_range(job.out_path, out_offset, memoryview(buf.numpy()))
         return nread, nread

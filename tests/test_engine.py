@@ -114,7 +114,30 @@ dtype: bfloat16
     _assert_correctly_rounded(load_folder(str(tmp_path / "out")), _reference(family, f))
 
 
-def test_passthrough_is_byte_copy(family, tmp_path):
+@pytest.mark.parametrize("kernel_copy", ["copy_file_range", "unsupported", "absent"])
+def test_passthrough_is_byte_copy(family, tmp_path, monkeypatch, kernel_copy):
+    """Byte copies go through copy_file_range; where the kernel refuses it (EXDEV across
+    filesystems on old kernels) or Python lacks it, the read-and-write path gives the same bytes."""
+    import errno
+    import os
+
+    calls = []
+    real = getattr(os, "copy_file_range", None)
+
+    def refusing(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "cross-device")
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    if kernel_copy == "unsupported":
+        monkeypatch.setattr(os, "copy_file_range", refusing)
+    elif kernel_copy == "absent":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    elif real is not None:
+        monkeypatch.setattr(os, "copy_file_range", counting)
     recipe = write_recipe(tmp_path / "r.yml", f"""
 merge_method: passthrough
 models:
@@ -126,6 +149,8 @@ models:
     assert out.keys() == src.keys()
     for k in src:
         assert torch.equal(out[k].view(torch.int16), src[k].view(torch.int16)), k
+    if kernel_copy != "absent" and real is not None:
+        assert calls  # the kernel path was taken (or tried)
 
 
 LINEAR = """
