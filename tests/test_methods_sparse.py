@@ -596,13 +596,13 @@ def test_bytes_independent_of_chunks_and_workers(mini_family, tmp_path_factory, 
     text = recipe_text(mini_family, method, per_model, shared)
     seed = ("--random-seed", str(SEED)) if case in RANDOM else ()
     recipe = load_recipe(text, is_text=True)
-    plans = {cb: build_plan(recipe, chunk_bytes=cb) for cb in (12 << 10, 24 << 10, 1 << 20, 128 << 20)}
-    assert sum(t.n_chunks >= 4 for t in plans[12 << 10].tensors) >= 7
-    assert sum(t.n_chunks >= 2 for t in plans[24 << 10].tensors) >= 7
+    plans = {cb: build_plan(recipe, chunk_bytes=cb) for cb in (6 << 10, 12 << 10, 1 << 20, 128 << 20)}
+    assert sum(t.n_chunks >= 4 for t in plans[6 << 10].tensors) >= 7
+    assert sum(t.n_chunks >= 2 for t in plans[12 << 10].tensors) >= 7
     # these tensors are below 1M: that budget plans exactly the default's single chunks
     assert [t.rows_per_chunk for t in plans[1 << 20].tensors] == [t.rows_per_chunk for t in plans[128 << 20].tensors]
     default = shard_bytes(ours(tmp_path_factory, text, *seed))
-    for extra in (("--chunk-size", "24K"), ("--chunk-size", "12K", "--workers", "3", "--threads-per-worker", "1")):
+    for extra in (("--chunk-size", "12K"), ("--chunk-size", "6K", "--workers", "3", "--threads-per-worker", "1")):
         other = shard_bytes(ours(tmp_path_factory, text, *seed, *extra))
         assert other == default, (case, extra)
 

@@ -33,3 +33,28 @@ def test_widen_is_exact():
     b = torch.randn(1000).to(torch.bfloat16)
     assert torch.equal(widen(b, torch.float64).to(torch.bfloat16), b)
     assert widen(b, torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_count_nonfinite_every_16_bit_pattern(dtype):
+    from dmerge.numerics import count_nonfinite
+
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    expected = int((~torch.isfinite(patterns)).sum())
+    assert expected > 0
+    assert count_nonfinite(patterns) == expected
+    for part in torch.split(patterns, 4099):  # pieces with and without specials
+        assert count_nonfinite(part) == int((~torch.isfinite(part)).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_count_nonfinite_wide_types(dtype):
+    from dmerge.numerics import count_nonfinite
+
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(10_000, generator=g, dtype=torch.float64).to(dtype)
+    assert count_nonfinite(t) == 0
+    t[[5, 77, 9000]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    assert count_nonfinite(t) == 3
+    assert count_nonfinite(t[::2]) == int((~torch.isfinite(t[::2])).sum())  # non-contiguous
+    assert count_nonfinite(torch.arange(5)) == 0

@@ -29,6 +29,7 @@ import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._sparsify import ALL, NONE, Sparsifier, blocks, compute_dtype, non_base_indices, rescale_statistic
+from dmerge.numerics import round_to, widen
 
 def gta_params(*, normalize: bool, rescale: bool) -> list[Param]:
     return [
@@ -51,85 +52,89 @@ def gta_model_params(extra: tuple[Param, ...] = ()) -> list[Param]:
 
 def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus: bool) -> torch.Tensor:
     """The family's formula above, on one chunk, row block by row block (the inputs come
-    as stored and are converted per block; everything stays small and cache-resident)."""
+    as stored and are converted per block; everything stays small and cache-resident).
+
+    Each block is rounded to ``x.out_dtype`` as soon as it is done, so no chunk-sized
+    compute-dtype result exists."""
     idx = non_base_indices(x)
     dtype = compute_dtype(x)
+    out_dtype = x.out_dtype or dtype
     if not idx:
-        return x.base.to(dtype)
+        return round_to(widen(x.base, dtype), out_dtype)
     factors = x.stats.get("rescale") or {}
     weights = [x.model_params[i]["weight"] for i in idx]
     maskers = [sparsifier.masker(x, i) if sparsifier is not None else None for i in idx]
     normalize, lam = x.params["normalize"], x.params["lambda"]
     total = sum(weights)
-    divisors = _agreeing_weight_sums(weights, x.base, dtype) if consensus and normalize and len(weights) <= 12 else None
-    out = torch.empty(x.base.shape, dtype=dtype, device=x.base.device)
+    out = torch.empty(x.base.shape, dtype=out_dtype, device=x.base.device)
     flat_out = out.view(-1)
     at = 0
-    for xb in blocks(x):
-        base = xb.base
-        ds = []
-        for i, masker, w in zip(idx, maskers, weights):
-            d = xb.tensors[i] - base
-            if masker is not None:
-                keep = masker(xb, d)
-                if keep is NONE:
-                    d.zero_()
-                elif keep is not ALL:
-                    d.mul_(keep)
-                    if factors.get(i, 1.0) != 1.0:
-                        d.mul_(factors[i])
-            ds.append(d.mul_(w))
-        mixed = ds[0].clone() if consensus else ds[0]
-        for d in ds[1:]:
-            mixed.add_(d)
-        if consensus:
-            # Elected sign sg of the summed task vector (copysign: -0.0 only arises when
-            # every term is zero, where the sign does not matter). A model agrees where
-            # sg * d_i > 0, and sg * sum_i relu(sg * d_i) == sum_i agree_i d_i exactly.
-            sg = torch.copysign(torch.ones_like(mixed), mixed)
-            mixed.zero_()
-            if divisors is not None:
-                code = torch.zeros(mixed.shape, dtype=torch.int64, device=mixed.device)
-            elif normalize:
-                divisor = torch.zeros_like(mixed)
-            for bit, (d, w) in enumerate(zip(ds, weights)):
-                d.mul_(sg)
-                if normalize:
-                    agree = d > 0
-                    if divisors is not None:
-                        code.add_(agree, alpha=1 << bit)
-                    else:
-                        divisor.add_(agree, alpha=w)  # w * {0, 1}: exact
-                mixed.add_(d.clamp_(min=0))
-            mixed.mul_(sg)
-            if divisors is not None:
-                mixed.div_(divisors[code])
-            elif normalize:
-                mixed.div_(divisor.add_(divisor == 0))  # no agreeing model: divide by 1
-        elif normalize and abs(total) >= 1e-8:  # as mergekit: a (near-)zero divisor is treated as 1
-            mixed.div_(total)
-        if lam != 1:
-            mixed.mul_(lam)
-        n = mixed.numel()
-        torch.add(base.reshape(-1), mixed.reshape(-1), out=flat_out[at: at + n])
-        at += n
+    with torch.no_grad():
+        for xb in blocks(x):
+            base = xb.base
+            ds = []
+            for i, masker, w in zip(idx, maskers, weights):
+                d = xb.tensors[i] - base
+                if masker is not None:
+                    keep = masker(xb, d)
+                    if keep is NONE:
+                        d.zero_()
+                    elif keep is not ALL:
+                        d.mul_(keep)
+                        if factors.get(i, 1.0) != 1.0:
+                            d.mul_(factors[i])
+                ds.append(d.mul_(w))
+            mixed = _sum_in_order(ds)
+            if consensus:
+                _elect_and_merge(ds, weights, mixed, normalize)
+            elif normalize and abs(total) >= 1e-8:  # as mergekit: a (near-)zero divisor is treated as 1
+                mixed.div_(total)
+            if lam != 1:
+                mixed.mul_(lam)
+            n = mixed.numel()
+            flat_out[at: at + n] = round_to(mixed.add_(base).reshape(-1), out_dtype)
+            at += n
     return out
 
 
-def _agreeing_weight_sums(weights: list[float], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_i w_i [bit i of c] for every agreement pattern c, summed in model order as
-    mergekit does (0 becomes 1: with no agreeing model the sum is not divided)."""
-    table = []
-    for c in range(1 << len(weights)):
-        acc = 0.0
-        for bit, w in enumerate(weights):
-            acc = acc + (w if c >> bit & 1 else 0.0)
-        table.append(acc if acc != 0 else 1.0)
-    return torch.tensor(table, dtype=dtype, device=like.device)
+def _sum_in_order(ds: list[torch.Tensor]) -> torch.Tensor:
+    """d_0 + d_1 + ... (left to right) as a new tensor."""
+    total = torch.add(ds[0], ds[1]) if len(ds) > 1 else ds[0].clone()
+    for d in ds[2:]:
+        total.add_(d)
+    return total
+
+
+def _elect_and_merge(ds: list[torch.Tensor], weights: list[float], mixed: torch.Tensor, normalize: bool) -> None:
+    """TIES sign consensus on one block: ``mixed`` holds sum_i d_i on entry and
+    sum_i agree_i d_i [/ sum_i agree_i w_i] on return; the d_i are consumed.
+
+    The elected sign is sg = copysign(1, sum_i d_i) (-0.0 only arises when every term is
+    zero, where the sign does not matter). Model i agrees where sg * d_i > 0, and
+    sg * sum_i relu(sg * d_i) == sum_i agree_i d_i exactly. The divisor adds
+    w_i * sign(relu(sg * d_i)), that is w_i * 1 or w_i * 0, in model order, as mergekit
+    sums the agreeing weights (no boolean temporaries: they cost a conversion each).
+    """
+    sg = torch.copysign(torch.ones_like(mixed), mixed)
+    divisor = None
+    for k, (d, w) in enumerate(zip(ds, weights)):
+        relu = d.mul_(sg).clamp_(min=0)
+        if normalize:
+            if divisor is None:
+                divisor = torch.sign(relu).mul_(w)
+            else:
+                divisor.add_(torch.sign(relu), alpha=w)
+        if k == 0:
+            mixed.copy_(relu)
+        else:
+            mixed.add_(relu)
+    mixed.mul_(sg)
+    if divisor is not None:
+        mixed.div_(divisor.add_(divisor == 0))  # no agreeing model: divide by 1
 
 
 def register_gta(name: str, *, sparsifier: Sparsifier | None, consensus: bool, normalize: bool, rescale: bool,
-                 reference: str, doc: str, extra_model_params: tuple[Param, ...] = (), work_tensors: int = 1,
+                 reference: str, doc: str, extra_model_params: tuple[Param, ...] = (), work_tensors: int = 0,
                  check: Callable | None = None) -> Callable:
     """Register one member of the family as merge method ``name``."""
     statistics = []
@@ -141,7 +146,7 @@ def register_gta(name: str, *, sparsifier: Sparsifier | None, consensus: bool, n
 
     method.__doc__ = doc
     method.__name__ = name
-    # work_tensors: the output in the compute dtype; everything else lives in row blocks
+    # work_tensors: none chunk-sized; the output is rounded block by block (merge_task_vectors)
     return merge_method(
         name,
         requires_base=True,

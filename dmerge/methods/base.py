@@ -107,6 +107,7 @@ class ChunkInputs:
     ``base_index`` points at the base model's tensor, if the recipe has one. For a method
     declared with ``raw_inputs`` the tensors keep their stored dtype and ``compute_dtype``
     says what to convert them to (the method does so piece by piece).
+    The result is in the compute dtype, or already rounded to ``out_dtype`` when given.
     """
 
     tensor_name: str
@@ -120,6 +121,10 @@ class ChunkInputs:
     stats: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     compute_dtype: torch.dtype | None = None
+    # The output dtype. A method may return its rows already rounded to it (with
+    # dmerge.numerics.round_to): block-wise methods do, so no chunk-sized compute-dtype
+    # result is ever held. None: return the compute dtype, the engine rounds.
+    out_dtype: torch.dtype | None = None
 
     @property
     def base(self) -> torch.Tensor:

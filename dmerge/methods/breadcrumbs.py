@@ -26,7 +26,6 @@ breadcrumbs = register_gta(
     normalize=False,
     rescale=False,
     extra_model_params=_GAMMA,
-    work_tensors=1,
     reference=_REF,
     doc="Drop the largest (outliers) and smallest task-vector magnitudes, weighted sum.",
 )
@@ -38,7 +37,6 @@ breadcrumbs_ties = register_gta(
     normalize=False,
     rescale=False,
     extra_model_params=_GAMMA,
-    work_tensors=1,
     reference=_REF,
     doc="Drop the largest (outliers) and smallest task-vector magnitudes, TIES sign consensus.",
 )

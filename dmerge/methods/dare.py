@@ -23,7 +23,6 @@ dare_ties = register_gta(
     consensus=True,
     normalize=False,
     rescale=True,
-    work_tensors=1,
     reference=_REF,
     doc="Randomly drop task-vector elements (keep probability density), rescale, TIES sign consensus.",
 )
@@ -34,7 +33,6 @@ dare_linear = register_gta(
     consensus=False,
     normalize=False,
     rescale=True,
-    work_tensors=1,
     reference=_REF,
     doc="Randomly drop task-vector elements (keep probability density), rescale, weighted sum.",
 )

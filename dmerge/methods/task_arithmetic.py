@@ -18,7 +18,6 @@ task_arithmetic = register_gta(
     consensus=False,
     normalize=False,
     rescale=False,
-    work_tensors=1,
     reference="https://arxiv.org/abs/2212.04089",
     doc="base + lambda * weighted sum of (model - base).",
 )

@@ -23,7 +23,6 @@ ties = register_gta(
     consensus=True,
     normalize=True,
     rescale=False,
-    work_tensors=1,
     reference="https://arxiv.org/abs/2306.01708",
     doc="Trim each task vector to its largest magnitudes, elect a sign per element, average the agreeing ones.",
 )
