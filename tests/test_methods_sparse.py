@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import sys
 
 import pytest
 import torch
@@ -605,6 +606,87 @@ def test_bytes_independent_of_chunks_and_workers(mini_family, tmp_path_factory, 
     for extra in (("--chunk-size", "12K"), ("--chunk-size", "6K", "--workers", "3", "--threads-per-worker", "1")):
         other = shard_bytes(ours(tmp_path_factory, text, *seed, *extra))
         assert other == default, (case, extra)
+
+
+def _exact_buckets(select, x, ids):
+    """What a perfect prediction would say for a chunk that is the whole tensor."""
+    import dataclasses
+
+    from dmerge.numerics import widen
+
+    whole = dataclasses.replace(x, tensors=[widen(t, torch.float32) for t in x.tensors], compute_dtype=None)
+    n = math.prod(x.full_shape)
+    out = {}
+    for i, keys in select.keys(whole, ids).items():
+        lo, hi = select.window(x, i, n, 0)
+        if lo >= hi or (lo == 0 and hi >= n):
+            continue
+        ordered = torch.sort(keys.reshape(-1), descending=True).values
+        out[i] = sorted({int(ordered[r]) >> sp.COARSE_SHIFT for r in sp._target_ranks(lo, hi)})
+    return out
+
+
+@pytest.mark.parametrize("case", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("guess, chunking", [("exact", ()), ("wrong", ()), ("none", ("--chunk-size", "12K")),
+                                             ("wrong", ("--chunk-size", "12K"))])
+def test_bucket_prediction_only_saves_work(mini_family, tmp_path_factory, monkeypatch, case, guess, chunking):
+    """The coarse pass also counts the fine histogram of the bucket a sample predicts.
+    Right, the fine pass reads nothing; absent or wrong, the fine pass counts it; the
+    bytes are the same every way."""
+    from dmerge.methods._sparsify import RankSelect
+
+    per_model, shared = ALL_CASES[case]
+    text = recipe_text(mini_family, case, per_model, shared)
+    reference = shard_bytes(ours(tmp_path_factory, text, *chunking))
+    real_blocks = sp.blocks
+    passes = {"_fine_chunk": 0, "_coarse_chunk": 0}
+
+    def blocks(x, *args, **kwargs):
+        caller = sys._getframe(1).f_code.co_name
+        if caller in passes:
+            passes[caller] += 1
+        return real_blocks(x, *args, **kwargs)
+
+    sampled = RankSelect._predict_buckets
+
+    def predict(self, x, ids):
+        if guess == "none":
+            return {}
+        # whole tensors: the true buckets; chunks: the sample's guess (possibly none)
+        found = _exact_buckets(self, x, ids) if not chunking else sampled(self, x, ids)
+        return found if guess == "exact" else {i: [b + 1 for b in bs] for i, bs in found.items()}
+
+    monkeypatch.setattr(sp, "blocks", blocks)
+    monkeypatch.setattr(RankSelect, "_predict_buckets", predict)
+    d = tmp_path_factory.mktemp("guess")
+    run_merge(write_recipe(d / "r.yml", text), str(d / "out"), *chunking)
+    assert passes["_coarse_chunk"] > 0
+    assert (passes["_fine_chunk"] == 0) == (guess == "exact")
+    assert shard_bytes(str(d / "out")) == reference
+
+
+def test_bucket_prediction_hits_on_smooth_and_tied_keys():
+    """A prediction is the bucket of the exact k-th key: made for keys with many ties (bf16
+    task vectors), withheld where the sample cannot tell the bucket (continuous keys)."""
+    from dmerge.methods._sparsify import COARSE_SHIFT, MagnitudeTopK
+
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(512, 256, generator=g) * 0.02
+    # a bf16 fine-tune moves most weights by a few bf16 steps (about 1e-4 at 0.02)
+    for parents, step in ((torch.bfloat16, 3e-4), (torch.float32, 4e-3)):
+        b = base.to(parents)
+        ft = (base + step * torch.randn(512, 256, generator=g)).to(parents)
+        x = ChunkInputs(tensor_name="t", tensors=[b, ft], base_index=0, params={}, model_params=[{}, {"density": 0.3}],
+                        full_shape=(512, 256), row_start=0, row_stop=512, compute_dtype=torch.float64)
+        sparsifier = MagnitudeTopK()
+        predicted = sparsifier.select._predict_buckets(x, [1])
+        keys = (ft.float() - b.float()).abs().reshape(-1).view(torch.int32)
+        k = int(0.3 * keys.numel())
+        exact = int(torch.sort(keys, descending=True).values[k - 1]) >> COARSE_SHIFT
+        if parents == torch.bfloat16:  # many ties: the bucket is certain
+            assert predicted == {1: [exact]}
+        else:  # continuous keys: no guess unless a sure one
+            assert predicted in ({}, {1: [exact]})
 
 
 # ---------------------------------------------------------------------------------------

@@ -179,6 +179,7 @@ def keyed_keep(x: ChunkInputs, model_index: int, like: torch.Tensor, p: float | 
 COARSE_SHIFT = 15  # stage 1: bits 30..15 of the float32 pattern (8 exponent + 8 mantissa bits)
 COARSE_BINS = 1 << 16
 FINE_BINS = 1 << COARSE_SHIFT
+PREDICT_ELEMENTS = 1 << 16  # sample size of the bucket prediction (see RankSelect._predict_buckets)
 ALL = "all"
 NONE = "none"
 
@@ -211,6 +212,12 @@ def _dense(parts: list[tuple[torch.Tensor, torch.Tensor]], bins: int) -> torch.T
     for idx, cnt in parts:
         h.index_add_(0, idx.to(torch.int64), cnt)
     return h
+
+
+def _target_ranks(lo: int, hi: int) -> list[int]:
+    """The descending ranks whose keys bound the window [lo, hi): rank lo (the larger
+    key) first; with lo = 0 only the last kept rank matters."""
+    return sorted({lo, hi - 1} - ({0} if hi > 1 else set())) or [0]
 
 
 def _locate(hist: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -248,19 +255,86 @@ class RankSelect:
     # -- stage 1 --------------------------------------------------------------------------
 
     def _coarse_chunk(self, x: ChunkInputs) -> dict:
+        """Coarse histograms of the chunk's keys, and the fine histogram of the bucket(s) a
+        sample of the chunk predicts will hold each target rank: where the prediction is
+        right (nearly always) the fine statistic needs no second pass over the data."""
         ids = self.wanted(x)
-        hists = {i: torch.zeros(COARSE_BINS, dtype=torch.int64) for i in ids}
+        predicted = self._predict_buckets(x, ids)
+        n_bins = COARSE_BINS + FINE_BINS * max([len(bs) for bs in predicted.values()] or [0])
+        hists = {i: torch.zeros(n_bins, dtype=torch.int64) for i in ids}
         nonzero = dict.fromkeys(ids, 0)
         for xb in blocks(x, self.pass_dtype(x)):
             for i, k in self.keys(xb, ids).items():
                 if self.count_nonzero:
                     nonzero[i] += int(torch.count_nonzero(k))
-                hists[i] += torch.bincount(k.bitwise_right_shift_(COARSE_SHIFT).reshape(-1), minlength=COARSE_BINS).cpu()
+                hists[i] += torch.bincount(self._bin_index(k.reshape(-1), predicted.get(i, ())), minlength=n_bins).cpu()
         out = {}
         for i in ids:
-            nz = hists[i].nonzero().squeeze(1)
-            out[i] = ((nz, hists[i][nz]), nonzero[i])
+            h = hists[i]
+            coarse = h[:COARSE_BINS].clone()
+            fine = {}
+            for j, b in enumerate(predicted.get(i, ())):
+                part = h[COARSE_BINS + j * FINE_BINS: COARSE_BINS + (j + 1) * FINE_BINS]
+                coarse[b] = part.sum()  # the bucket's keys were counted in its fine bins only
+                nz = part.nonzero().squeeze(1)
+                fine[b] = (nz, part[nz])
+            nz = coarse.nonzero().squeeze(1)
+            out[i] = ((nz, coarse[nz]), nonzero[i], {x.row_start: fine})
         return out
+
+    @staticmethod
+    def _bin_index(k: torch.Tensor, buckets) -> torch.Tensor:
+        """Histogram index of each key: its coarse bucket, or for a key inside the j-th
+        predicted bucket, ``COARSE_BINS + j * FINE_BINS +`` its low bits (one bincount
+        gives both histograms)."""
+        index = k >> COARSE_SHIFT
+        for j, b in enumerate(buckets):
+            # integer arithmetic only (torch.where is several times slower here):
+            # inside = 1 - min(|bucket - b|, 1); index += inside * (fine index - index),
+            # where a key's fine index is k - b * FINE_BINS + COARSE_BINS + j * FINE_BINS
+            inside = (index - b).abs_().clamp_(max=1).neg_().add_(1)
+            step = (k + (COARSE_BINS + j * FINE_BINS - (b << COARSE_SHIFT))).sub_(index)
+            index.add_(step.mul_(inside))
+        return index
+
+    def _predict_buckets(self, x: ChunkInputs, ids: list) -> dict:
+        """``{id: [bucket, ...]}``: the coarse bucket of each target rank's key, predicted from
+        a sample of about ``PREDICT_ELEMENTS`` keys (whole rows, evenly strided through the
+        chunk): when the sample's keys within a few standard errors of the target quantile
+        all lie in one bucket (as with the heavily tied magnitudes of bf16 task vectors),
+        that bucket; otherwise no prediction. Only a guess: a wrong one costs the fine
+        pass it would have saved. Selections whose window depends on the non-zero count
+        are not predicted."""
+        if self.count_nonzero or not ids or not x.tensors[0].numel():
+            return {}
+        n = math.prod(x.full_shape)
+        ref = x.tensors[0]
+        rows = ref.shape[0] if ref.dim() >= 2 else 1
+        stride = max(1, rows // max(1, PREDICT_ELEMENTS // max(1, ref[0].numel() if ref.dim() >= 2 else ref.numel())))
+        dtype = self.pass_dtype(x)
+        picked = [t[::stride] if t.dim() >= 2 else t for t in x.tensors]
+        sample = dataclasses.replace(x, tensors=[widen(t, dtype) for t in picked], compute_dtype=None)
+        predicted = {}
+        for i, keys in self.keys(sample, ids).items():
+            keys = keys.reshape(-1)
+            m = keys.numel()
+            lo, hi = self.window(x, i, n, 0)
+            if lo >= hi or (lo == 0 and hi >= n) or m == 0:
+                continue
+            buckets = set()
+            for rank in _target_ranks(lo, hi):
+                q = rank / n
+                at = q * m  # descending position in the sample
+                spread = 4 * math.sqrt(m * q * (1 - q)) + 1  # the sample quantile's error, generously
+                ends = {int(torch.kthvalue(keys, m - min(m - 1, max(0, int(p)))).values) >> COARSE_SHIFT
+                        for p in (at - spread, at + spread)}
+                if len(ends) > 1:  # continuous keys: the rank may fall in any of several buckets
+                    buckets = set()
+                    break
+                buckets |= ends
+            if buckets:
+                predicted[i] = sorted(buckets)
+        return predicted
 
     @staticmethod
     def _coarse_combine(partials: list[dict]) -> dict:
@@ -268,13 +342,16 @@ class RankSelect:
         for i in partials[0]:
             dense = _dense([p[i][0] for p in partials], COARSE_BINS)
             nz = dense.nonzero().squeeze(1)
-            out[i] = ((nz, dense[nz]), sum(p[i][1] for p in partials))
+            fine = {}
+            for p in partials:
+                fine.update(p[i][2])  # one entry per chunk (keyed by its first row)
+            out[i] = ((nz, dense[nz]), sum(p[i][1] for p in partials), fine)
         return out
 
     def _coarse_finalize(self, combined: dict, ctx: ChunkInputs) -> dict:
         n = math.prod(ctx.full_shape)
         result = {}
-        for i, (counts, nonzero) in combined.items():
+        for i, (counts, nonzero, fine) in combined.items():
             lo, hi = self.window(ctx, i, n, nonzero)
             if lo >= hi:
                 result[i] = NONE
@@ -283,10 +360,11 @@ class RankSelect:
             else:
                 hist = _dense([counts], COARSE_BINS)
                 targets = []
-                # rank lo (the larger key) first; with lo = 0 only the last kept rank matters
-                for rank in sorted({lo, hi - 1} - ({0} if hi > 1 else set())) or [0]:
+                for rank in _target_ranks(lo, hi):
                     b, above = _locate(hist, rank)
-                    targets.append({"rank": rank, "bin": b, "above": above})
+                    # the chunks whose sample predicted bucket b counted it already
+                    known = {start: f[b] for start, f in fine.items() if b in f}
+                    targets.append({"rank": rank, "bin": b, "above": above, "known": known})
                 result[i] = {"lo": lo, "hi": hi, "targets": targets}
         return result
 
@@ -294,9 +372,18 @@ class RankSelect:
 
     def _fine_chunk(self, x: ChunkInputs) -> dict:
         coarse = x.stats.get(self.coarse_name) or {}
-        bins = {i: sorted({t["bin"] for t in r["targets"]}) for i, r in coarse.items() if isinstance(r, dict)}
+        out = {}
+        bins = {}
+        for i, r in coarse.items():
+            if not isinstance(r, dict):
+                continue
+            for t in r["targets"]:
+                if x.row_start in t["known"]:
+                    out[(i, t["bin"])] = t["known"][x.row_start]
+                elif (i, t["bin"]) not in out:
+                    bins.setdefault(i, set()).add(t["bin"])
         hists = {(i, b): torch.zeros(FINE_BINS + 2, dtype=torch.int64) for i, bs in bins.items() for b in bs}
-        if bins:
+        if bins:  # a prediction missed: count the bucket's low bits in a second pass
             for xb in blocks(x, self.pass_dtype(x)):
                 for i, k in self.keys(xb, list(bins)).items():
                     k = k.reshape(-1)
@@ -306,7 +393,6 @@ class RankSelect:
                         # land in the sentinel bins 0 and FINE_BINS + 1, dropped below
                         torch.sub(k, b << COARSE_SHIFT, out=low).clamp_(-1, FINE_BINS).add_(1)
                         hists[(i, b)] += torch.bincount(low, minlength=FINE_BINS + 2).cpu()
-        out = {}
         for key, h in hists.items():
             h = h[1:-1]
             nz = h.nonzero().squeeze(1)
