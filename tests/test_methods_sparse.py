@@ -628,8 +628,9 @@ def _exact_buckets(select, x, ids):
 
 @pytest.mark.parametrize("case", ["ties", "breadcrumbs_ties"])
 @pytest.mark.parametrize("guess, chunking", [("exact", ()), ("wrong", ()), ("none", ("--chunk-size", "12K")),
-                                             ("wrong", ("--chunk-size", "12K"))])
-def test_bucket_prediction_only_saves_work(mini_family, tmp_path_factory, monkeypatch, case, guess, chunking):
+                                             ("wrong", ("--chunk-size", "12K")), ("alternate", ("--chunk-size", "6K"))])
+def test_bucket_prediction_only_saves_work(mini_family, mini_parents, tmp_path_factory, monkeypatch, case, guess,
+                                          chunking):
     """The coarse pass also counts the fine histogram of the bucket a sample predicts.
     Right, the fine pass reads nothing; absent or wrong, the fine pass counts it; the
     bytes are the same every way."""
@@ -654,6 +655,15 @@ def test_bucket_prediction_only_saves_work(mini_family, tmp_path_factory, monkey
             return {}
         # whole tensors: the true buckets; chunks: the sample's guess (possibly none)
         found = _exact_buckets(self, x, ids) if not chunking else sampled(self, x, ids)
+        if guess == "alternate":  # every other chunk knows the true buckets: known and counted chunks mix
+            if x.row_start // max(1, x.row_stop - x.row_start) % 2:
+                return {}
+            import dataclasses
+
+            # the sources are the recipe's models in order, then the base
+            whole = [mini_parents[m][x.tensor_name] for m in (*per_model, "base")]
+            return _exact_buckets(self, dataclasses.replace(x, tensors=whole, row_start=0,
+                                                            row_stop=whole[0].shape[0] if whole[0].dim() else 1), ids)
         return found if guess == "exact" else {i: [b + 1 for b in bs] for i, bs in found.items()}
 
     monkeypatch.setattr(sp, "blocks", blocks)
@@ -661,7 +671,10 @@ def test_bucket_prediction_only_saves_work(mini_family, tmp_path_factory, monkey
     d = tmp_path_factory.mktemp("guess")
     run_merge(write_recipe(d / "r.yml", text), str(d / "out"), *chunking)
     assert passes["_coarse_chunk"] > 0
-    assert (passes["_fine_chunk"] == 0) == (guess == "exact")
+    if guess == "alternate":
+        assert 0 < passes["_fine_chunk"] < passes["_coarse_chunk"]
+    else:
+        assert (passes["_fine_chunk"] == 0) == (guess == "exact")
     assert shard_bytes(str(d / "out")) == reference
 
 
