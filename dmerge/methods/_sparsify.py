@@ -8,8 +8,10 @@ row blocks):
   outliers). The k-th largest magnitude is found from histograms of the bit pattern of
   the float32 magnitude (non-negative floats order like their bit patterns as
   integers): a first statistic counts the top 16 bits, a second one the low 15 bits
-  inside the one bucket that holds the rank. O(n), two streaming passes, integer
-  counts (exact, order-independent). Ties at the threshold are broken by flat element
+  inside the one bucket that holds the rank. O(n), integer counts (exact,
+  order-independent); usually one streaming pass, because the first statistic also
+  counts the low bits of the bucket a sample predicts (the second then reads no data
+  where the guess was right). Ties at the threshold are broken by flat element
   index (lower index ranks higher), so exactly ``hi - lo`` elements are kept; the
   second statistic also keeps each chunk's count of threshold ties so a chunk knows
   how many tied elements come before it.
