@@ -8,6 +8,7 @@ planned offset, so it never passes through the scheduler or the client.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,20 @@ from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import count_nonfinite, round_to, widen
 
 keep_freed_memory()  # workers import this module: tune their allocator once
+
+
+def _inference(fn):
+    """Run a task under ``torch.inference_mode``: no autograd bookkeeping (version
+    counters, view tracking) on the many small operations of a task, about 8 % of a
+    ties merge's time. Every task is wrapped, so tensors passed between tasks (the
+    statistics' partials) are only ever touched in inference mode."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return run
 
 # Elements per block of the cache-blocked elementwise path (1 MiB of float64 per input).
 ELEMENTWISE_BLOCK = 1 << 17
@@ -117,15 +132,18 @@ def _whole_tensor_pad_means(job: ChunkJob) -> list:
     return vocab.pad_means_of(job.tensor.sources, rm, tuple(job.tensor.shape[1:]))
 
 
+@_inference
 def vocab_pad_partial(tensor, window) -> list:
     """Per-source sums of one fixed block of a re-indexed vocabulary tensor's rows."""
     return vocab.pad_partial(tensor.sources, window, tuple(tensor.shape[1:]))
 
 
+@_inference
 def vocab_pad_finalize(n_tokens: int, partials: list) -> list:
     return vocab.pad_finalize(n_tokens, partials)
 
 
+@_inference
 def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None, pad_means: list | None = None) -> Any:
     """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``)."""
     method = get_method(job.tensor.method)
@@ -143,6 +161,7 @@ def context_of(tensor, stats: dict | None = None) -> ChunkInputs:
     )
 
 
+@_inference
 def finalize_statistic(tensor, stat_index: int, prior: dict | None, partials: list) -> dict:
     """Combine the chunk partials of one statistic; returns all statistics so far."""
     method = get_method(tensor.method)
@@ -153,6 +172,7 @@ def finalize_statistic(tensor, stat_index: int, prior: dict | None, partials: li
     return out
 
 
+@_inference
 def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None = None) -> tuple[int, int]:
     """Merge one chunk and write it to its place. Returns (bytes read, bytes written).
 
@@ -192,8 +212,7 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None
             partial = stat.chunk(inputs)
             stats[stat.name] = stat.final(stat.combine_all([partial]), inputs)
     inputs.stats = dict(stats or {})
-    with torch.no_grad():
-        result = method.fn(inputs)
+    result = method.fn(inputs)
     return nread, _finish(job, round_to(result, DTYPES[tp.dtype]), out_offset)
 
 
@@ -208,11 +227,10 @@ def _merge_blockwise(inputs: ChunkInputs, method, out_dtype: torch.dtype, comput
     flat = [t.reshape(-1) for t in inputs.tensors]
     n = flat[0].numel()
     out = torch.empty(n, dtype=out_dtype, device=flat[0].device)
-    with torch.no_grad():
-        for a in range(0, n, ELEMENTWISE_BLOCK):
-            b = min(n, a + ELEMENTWISE_BLOCK)
-            block = dataclasses.replace(inputs, tensors=[widen(t[a:b], compute) for t in flat])
-            out[a:b] = round_to(method.fn(block), out_dtype)
+    for a in range(0, n, ELEMENTWISE_BLOCK):
+        b = min(n, a + ELEMENTWISE_BLOCK)
+        block = dataclasses.replace(inputs, tensors=[widen(t[a:b], compute) for t in flat])
+        out[a:b] = round_to(method.fn(block), out_dtype)
     return out.reshape(shape)
 
 
