@@ -77,10 +77,11 @@ _CHECK_BLOCK = 1 << 18
 def widen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Exact conversion of a parent tensor to the compute dtype.
 
-    bf16/fp16 go through float32 (exact) because PyTorch's direct half -> double cast is
-    about twice as slow as the two steps.
+    fp16 goes to float64 through float32 (also exact): with torch 2.13 on this project's
+    CPUs that is faster on cache-sized blocks than the direct cast (0.20 vs 0.28 ns per
+    element), while for bf16 the direct cast is the faster one (0.11 vs 0.23 ns).
     """
-    if t.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float64:
+    if t.dtype == torch.float16 and dtype == torch.float64:
         return t.to(torch.float32).to(torch.float64)
     return t.to(dtype)
 
