@@ -478,6 +478,8 @@ class RankSelect:
                 keep &= keys < top
             flat = keep.view(-1)
             for key, first in next_rank.items():
+                if first >= hi:  # every later tie ranks past the window: none is kept, none need counting
+                    continue
                 eq = keys.reshape(-1) == key
                 count = int(eq.sum())
                 if count == 0:
