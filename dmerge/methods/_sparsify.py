@@ -311,8 +311,8 @@ class RankSelect:
             return {}
         n = math.prod(x.full_shape)
         ref = x.tensors[0]
-        rows = ref.shape[0] if ref.dim() >= 2 else 1
-        stride = max(1, rows // max(1, PREDICT_ELEMENTS // max(1, ref[0].numel() if ref.dim() >= 2 else ref.numel())))
+        rows, row_elements = (ref.shape[0], ref[0].numel()) if ref.dim() >= 2 else (1, ref.numel())
+        stride = max(1, rows // max(1, PREDICT_ELEMENTS // max(1, row_elements)))
         dtype = self.pass_dtype(x)
         picked = [t[::stride] if t.dim() >= 2 else t for t in x.tensors]
         sample = dataclasses.replace(x, tensors=[widen(t, dtype) for t in picked], compute_dtype=None)
@@ -616,30 +616,29 @@ class RandomDrop(Sparsifier):
             return lambda xb, tv: ALL
         if d <= 0:
             return lambda xb, tv: NONE
-        return lambda xb, tv: keyed_keep(xb, i, tv, d)
+        probability = self.probability(x, i, d)
+        return lambda xb, tv: keyed_keep(xb, i, tv, probability(tv))
+
+    def probability(self, x: ChunkInputs, i: int, d: float) -> Callable[[torch.Tensor], float | torch.Tensor]:
+        """Keep probability of each element of a block's task vector (0 < density < 1)."""
+        return lambda tv: d
 
 
-class DellaMagprune(Sparsifier):
+class DellaMagprune(RandomDrop):
     """DELLA's MagPrune: keep probability grows linearly with the magnitude rank in its row.
 
     Per row (dimension 1 of a matrix; a vector is one row), ascending ranks ``r`` of |tau|
     (ties by column index) give ``p = density - epsilon + 2 * epsilon * r / (C - 1)``
-    for C columns (``p = density`` when C = 1).
+    for C columns (``p = density`` when C = 1). With epsilon 0 it is DARE's drop.
     """
 
     name = "della_magprune"
-    random = True
 
-    def masker(self, x, i):
-        d = _density(x, i)
-        if d >= 1:
-            return lambda xb, tv: ALL
-        if d <= 0:
-            return lambda xb, tv: NONE
+    def probability(self, x, i, d):
         eps = x.model_params[i]["epsilon"]
         if eps == 0:
-            return lambda xb, tv: keyed_keep(xb, i, tv, d)
-        return lambda xb, tv: keyed_keep(xb, i, tv, _magprune_probability(tv, d, eps))
+            return super().probability(x, i, d)
+        return lambda tv: _magprune_probability(tv, d, eps)
 
 
 def _magprune_probability(tv: torch.Tensor, d: float, eps: float) -> torch.Tensor:
