@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from dmerge import native
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._sparsify import ALL, NONE, Sparsifier, blocks, compute_dtype, non_base_indices, rescale_statistic
 from dmerge.numerics import round_to, widen
@@ -67,6 +68,8 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
     normalize, lam = x.params["normalize"], x.params["lambda"]
     total = sum(weights)
     out = torch.empty(x.base.shape, dtype=out_dtype, device=x.base.device)
+    if _merge_native(x, idx, sparsifier, consensus, dtype, weights, factors, out):
+        return out
     flat_out = out.view(-1)
     at = 0
     with torch.no_grad():
@@ -95,6 +98,46 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
             flat_out[at: at + n] = round_to(mixed.add_(base).reshape(-1), out_dtype)
             at += n
     return out
+
+
+def _merge_native(x: ChunkInputs, idx: list[int], sparsifier: Sparsifier | None, consensus: bool,
+                  dtype: torch.dtype, weights: list[float], factors: dict, out: torch.Tensor) -> bool:
+    """The same computation by the fused CPU kernel (:mod:`dmerge.native`), bit for bit;
+    False (nothing done) where it does not apply: kernels unavailable, not float64
+    compute, tensors off the CPU, or a mask only the torch path can make (DELLA)."""
+    if dtype != torch.float64 or len(idx) > native.MAX_MODELS or not native.usable(out, *x.tensors):
+        return False
+    models = []
+    for i, w in zip(idx, weights):
+        plain = sparsifier.plain_mask(x, i) if sparsifier is not None else {"kind": ALL}
+        if plain is None:
+            return False
+        m = native.Model(data=x.tensors[i].data_ptr(), dtype=native.DTYPE_CODES[x.tensors[i].dtype],
+                         weight=float(w), factor=float(factors.get(i, 1.0)))
+        kind = plain["kind"]
+        if kind == ALL:
+            m.mask = native.MASK_ALL
+        elif kind == NONE:
+            m.mask = native.MASK_NONE
+        elif kind == "window":
+            m.mask = native.MASK_WINDOW
+            m.bottom, m.top = plain["bottom"], -1 if plain["top"] is None else plain["top"]
+            m.lo, m.hi = plain["lo"], plain["hi"]
+            ties = plain["ties"]
+            if len(ties) > 2:
+                return False
+            m.n_ties = len(ties)
+            for t, (key, first) in enumerate(ties):
+                m.tie_key[t], m.tie_next[t] = key, first
+        elif kind == "random":
+            m.mask = native.MASK_RANDOM
+            m.key, m.threshold = plain["key"], plain["threshold"]
+        else:
+            return False
+        models.append(m)
+    native.gta_merge(x.base, models, element_offset=x.element_offset, consensus=consensus,
+                     normalize=x.params["normalize"], total_weight=sum(weights), lam=x.params["lambda"], out=out)
+    return True
 
 
 def _sum_in_order(ds: list[torch.Tensor]) -> torch.Tensor:

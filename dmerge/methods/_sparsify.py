@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from dmerge import native
 from dmerge.methods._reduce import row_sums, rows_of, tree_combine, tree_partial, tree_total
 from dmerge.methods.base import ChunkInputs, Statistic
 from dmerge.numerics import widen
@@ -172,7 +173,12 @@ def keyed_keep(x: ChunkInputs, model_index: int, like: torch.Tensor, p: float | 
     bits = keyed_bits(key, x.element_offset, like.numel(), like.device).reshape(like.shape)
     if isinstance(p, torch.Tensor):
         return bits < p.mul(2.0**32).ceil_().to(torch.int64)
-    return bits < math.ceil(p * 2.0**32)
+    return bits < keep_threshold(p)
+
+
+def keep_threshold(p: float) -> int:
+    """Keyed bits below this are kept: ``ceil(p * 2^32)``, so P(keep) = p to 2^-32."""
+    return math.ceil(p * 2.0**32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,8 +250,12 @@ class RankSelect:
 
     def __init__(self, name: str, keys: Callable[[ChunkInputs, list], dict], wanted: Callable[[ChunkInputs], list],
                  window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]], count_nonzero: bool = False,
-                 pass_dtype: Callable[[ChunkInputs], torch.dtype] | None = None):
+                 pass_dtype: Callable[[ChunkInputs], torch.dtype] | None = None,
+                 task_vector_magnitudes: bool = False):
         self.name = name
+        # keys are magnitude_key(x_i - base) for the non-base ids i: the fused kernel
+        # (dmerge.native) can then count them without calling ``keys``
+        self.task_vector_magnitudes = task_vector_magnitudes
         self.pass_dtype = pass_dtype or compute_dtype  # dtype the selection passes compute keys in
         self.keys = keys
         self.wanted = wanted
@@ -265,11 +275,13 @@ class RankSelect:
         n_bins = COARSE_BINS + FINE_BINS * max([len(bs) for bs in predicted.values()] or [0])
         hists = {i: torch.zeros(n_bins, dtype=torch.int64) for i in ids}
         nonzero = dict.fromkeys(ids, 0)
-        for xb in blocks(x, self.pass_dtype(x)):
-            for i, k in self.keys(xb, ids).items():
-                if self.count_nonzero:
-                    nonzero[i] += int(torch.count_nonzero(k))
-                hists[i] += torch.bincount(self._bin_index(k.reshape(-1), predicted.get(i, ())), minlength=n_bins).cpu()
+        if not self._count_native(x, ids, predicted, hists):
+            for xb in blocks(x, self.pass_dtype(x)):
+                for i, k in self.keys(xb, ids).items():
+                    if self.count_nonzero:
+                        nonzero[i] += int(torch.count_nonzero(k))
+                    hists[i] += torch.bincount(self._bin_index(k.reshape(-1), predicted.get(i, ())),
+                                               minlength=n_bins).cpu()
         out = {}
         for i in ids:
             h = hists[i]
@@ -283,6 +295,17 @@ class RankSelect:
             nz = coarse.nonzero().squeeze(1)
             out[i] = ((nz, coarse[nz]), nonzero[i], {x.row_start: fine})
         return out
+
+    def _count_native(self, x: ChunkInputs, ids: list, predicted: dict, hists: dict) -> bool:
+        """Count the chunk's keys into ``hists`` with the fused kernel (the same counts as
+        the block loop of :meth:`_coarse_chunk`); False (nothing counted) where it does
+        not apply."""
+        if (not ids or not self.task_vector_magnitudes or self.count_nonzero
+                or self.pass_dtype(x) != torch.float32 or not native.usable(*x.tensors)):
+            return False
+        native.magnitude_histograms(x.base, [x.tensors[i] for i in ids], [hists[i] for i in ids],
+                                    [list(predicted.get(i, ())) for i in ids])
+        return True
 
     @staticmethod
     def _bin_index(k: torch.Tensor, buckets) -> torch.Tensor:
@@ -453,6 +476,23 @@ class RankSelect:
             return coarse[i]
         return ALL
 
+    def cut(self, x: ChunkInputs, i) -> Any:
+        """ALL, NONE, or this chunk's view of selection ``i`` as plain numbers: keep keys
+        strictly between ``bottom`` and ``top`` (None: no upper cut), and give keys equal
+        to a threshold value the ranks ``first, first + 1, ...`` in flat order (``ties``:
+        ``[(key, first)]``, ranks continuing from the chunks before), kept inside
+        ``[lo, hi)``."""
+        r = self.result(x, i)
+        if not isinstance(r, dict):
+            return r
+        lo, hi = r["lo"], r["hi"]
+        ths = r["thresholds"]  # by rank: [rank lo,] rank hi - 1 (lo = 0 needs no upper cut)
+        next_rank = {}
+        for t in ths:  # the next tied element's rank, per threshold value
+            next_rank.setdefault(t["key"], t["above"] + t["prefix"][x.row_start])
+        return {"lo": lo, "hi": hi, "bottom": ths[-1]["key"], "top": ths[0]["key"] if lo > 0 else None,
+                "ties": list(next_rank.items())}
+
     def masker(self, x: ChunkInputs, i) -> Callable[[torch.Tensor], torch.Tensor | str]:
         """A function from the keys of each row block of this chunk, *in order*, to its
         keep-mask (a bool tensor shaped like the keys), or ALL / NONE.
@@ -461,16 +501,11 @@ class RankSelect:
         get consecutive ranks in flat-index order, continuing from the chunks and blocks
         before.
         """
-        r = self.result(x, i)
+        r = self.cut(x, i)
         if not isinstance(r, dict):
             return lambda keys: r
-        lo, hi = r["lo"], r["hi"]
-        ths = r["thresholds"]  # by rank: [rank lo,] rank hi - 1 (lo = 0 needs no upper cut)
-        bottom = ths[-1]["key"]
-        top = ths[0]["key"] if lo > 0 else None
-        next_rank = {}
-        for t in ths:  # the next tied element's rank, per threshold value
-            next_rank.setdefault(t["key"], t["above"] + t["prefix"][x.row_start])
+        lo, hi, bottom, top = r["lo"], r["hi"], r["bottom"], r["top"]
+        next_rank = dict(r["ties"])
 
         def mask(keys: torch.Tensor) -> torch.Tensor:
             keep = keys > bottom
@@ -527,12 +562,20 @@ class Sparsifier:
     def masker(self, x: ChunkInputs, i: int) -> Callable[[ChunkInputs, torch.Tensor], Any]:
         raise NotImplementedError
 
+    def plain_mask(self, x: ChunkInputs, i: int) -> dict | None:
+        """Model ``i``'s keep-mask on chunk ``x`` as plain numbers, for the fused kernel
+        (:mod:`dmerge.native`): ``{"kind": "all" | "none"}``, ``{"kind": "window", **cut}``
+        (see :meth:`RankSelect.cut`) or ``{"kind": "random", "key", "threshold"}`` (keep
+        where the keyed bits are below the threshold). None: only :meth:`masker` can."""
+        return None
+
 
 class _MagnitudeWindow(Sparsifier):
     """Keep a window of descending magnitude ranks of tau_i over the whole tensor."""
 
     def __init__(self, name: str):
-        self.select = RankSelect(name, self._keys, self._wanted, self._window, pass_dtype=key_dtype)
+        self.select = RankSelect(name, self._keys, self._wanted, self._window, pass_dtype=key_dtype,
+                                 task_vector_magnitudes=True)
 
     def window(self, ctx: ChunkInputs, i: int, n: int) -> tuple[int, int]:
         raise NotImplementedError
@@ -568,6 +611,12 @@ class _MagnitudeWindow(Sparsifier):
             return lambda xb, tv: trivial
         select = self.select.masker(x, i)
         return lambda xb, tv: select(magnitude_key(tv))
+
+    def plain_mask(self, x, i):
+        cut = self._trivial(x, i)
+        if cut is None:
+            cut = self.select.cut(x, i)
+        return {"kind": cut} if isinstance(cut, str) else {"kind": "window", **cut}
 
 
 class MagnitudeTopK(_MagnitudeWindow):
@@ -623,6 +672,14 @@ class RandomDrop(Sparsifier):
         """Keep probability of each element of a block's task vector (0 < density < 1)."""
         return lambda tv: d
 
+    def plain_mask(self, x, i):
+        d = _density(x, i)
+        if d >= 1:
+            return {"kind": ALL}
+        if d <= 0:
+            return {"kind": NONE}
+        return {"kind": "random", "key": stream_key(x.seed, x.tensor_name, i), "threshold": keep_threshold(d)}
+
 
 class DellaMagprune(RandomDrop):
     """DELLA's MagPrune: keep probability grows linearly with the magnitude rank in its row.
@@ -639,6 +696,10 @@ class DellaMagprune(RandomDrop):
         if eps == 0:
             return super().probability(x, i, d)
         return lambda tv: _magprune_probability(tv, d, eps)
+
+    def plain_mask(self, x, i):
+        # per-element probabilities from row ranks: only the torch path applies them
+        return super().plain_mask(x, i) if x.model_params[i]["epsilon"] == 0 else None
 
 
 def _magprune_probability(tv: torch.Tensor, d: float, eps: float) -> torch.Tensor:

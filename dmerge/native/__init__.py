@@ -1,0 +1,192 @@
+"""Optional fused CPU kernels (``gta.c``), built with the system C compiler on first use.
+
+The task-arithmetic family (ties, dare_ties, breadcrumbs, task_arithmetic, ...) and
+its radix-select statistic spend their time in many small elementwise tensor
+operations; the C kernels do the same arithmetic per element in one pass, bit for bit
+(see the contract at the top of ``gta.c``). They are an accelerator only: when no C
+compiler is found, the build fails, ``DMERGE_NATIVE=0`` is set, or the tensors are not
+on the CPU, the torch code path runs and gives the same bytes.
+
+The shared library is cached per source hash and platform in ``$DMERGE_CACHE_DIR``
+(default ``~/.cache/dmerge``), written atomically, so concurrent workers on one host
+build it at most a few times and never load a half-written file. ``CC`` picks the
+compiler (default ``cc``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("gta.c")
+ABI_VERSION = 1
+# -ffp-contract=off: no fused multiply-add, which would round differently from torch.
+CFLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno"]
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+MASK_ALL, MASK_NONE, MASK_WINDOW, MASK_RANDOM = 0, 1, 2, 3
+MAX_MODELS = 64
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+class Model(ctypes.Structure):
+    """One task vector's input and keep-mask (``dm_model`` in gta.c)."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("dtype", ctypes.c_int32),
+        ("mask", ctypes.c_int32),
+        ("weight", ctypes.c_double),
+        ("factor", ctypes.c_double),
+        ("bottom", ctypes.c_int32),
+        ("top", ctypes.c_int32),
+        ("n_ties", ctypes.c_int32),
+        ("tie_key", ctypes.c_int32 * 2),
+        ("tie_next", ctypes.c_int64 * 2),
+        ("lo", ctypes.c_int64),
+        ("hi", ctypes.c_int64),
+        ("key", ctypes.c_uint64),
+        ("threshold", ctypes.c_int64),
+    ]
+
+
+def enabled() -> bool:
+    """Whether the kernels may be used at all (``DMERGE_NATIVE=0`` turns them off)."""
+    return os.environ.get("DMERGE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DMERGE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dmerge")
+    return Path(root) / "native"
+
+
+def library_path() -> Path:
+    """Where the library for this source, compiler flags and platform is cached."""
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    plat = f"{sys.platform}-{platform.machine()}"
+    return cache_dir() / f"gta-{tag}-{plat}.so"
+
+
+def build(target: Path) -> None:
+    """Compile ``gta.c`` into ``target`` (atomically: a temporary file, then a rename)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc.split(), *CFLAGS, "-o", tmp, str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    path = library_path()
+    if not path.exists():
+        try:
+            build(path)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            log.warning("dmerge: fused CPU kernels unavailable, using torch ops (%s)", exc)
+            return None
+    try:
+        lib = ctypes.CDLL(str(path))  # CDLL (not PyDLL): calls release the GIL
+    except OSError as exc:
+        log.warning("dmerge: cannot load %s, using torch ops (%s)", path, exc)
+        return None
+    if lib.dm_abi_version() != ABI_VERSION:
+        log.warning("dmerge: %s has the wrong ABI version, using torch ops", path)
+        return None
+    lib.dm_gta_merge.restype = ctypes.c_int
+    lib.dm_gta_merge.argtypes = [
+        ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
+        ctypes.POINTER(Model), ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+        ctypes.c_double, ctypes.c_double, ctypes.c_void_p, ctypes.c_int32,
+    ]
+    lib.dm_magnitude_histograms.restype = ctypes.c_int
+    lib.dm_magnitude_histograms.argtypes = [
+        ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int32, ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int32),
+        ctypes.POINTER(ctypes.c_int32), ctypes.c_int32,
+    ]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; None when unavailable or disabled."""
+    global _lib, _tried
+    if not enabled():
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _load()
+                _tried = True
+    return _lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: enabled and built, on the CPU,
+    contiguous, of a supported dtype."""
+    return (all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in DTYPE_CODES for t in tensors)
+            and library() is not None)
+
+
+def gta_merge(base: torch.Tensor, models: list[Model], *, element_offset: int, consensus: bool, normalize: bool,
+              total_weight: float, lam: float, out: torch.Tensor) -> None:
+    """Run ``dm_gta_merge`` over all elements of ``base`` into ``out`` (same shape).
+
+    ``models`` describe the task vectors (their ``data`` pointing at tensors shaped like
+    ``base``, which the caller keeps alive)."""
+    lib = library()
+    assert lib is not None and base.shape == out.shape and 0 < len(models) <= MAX_MODELS
+    array = (Model * len(models))(*models)
+    rc = lib.dm_gta_merge(base.data_ptr(), DTYPE_CODES[base.dtype], base.numel(), element_offset,
+                          array, len(models), int(consensus), int(normalize), float(total_weight),
+                          float(lam), out.data_ptr(), DTYPE_CODES[out.dtype])
+    if rc != 0:
+        raise RuntimeError("dm_gta_merge: bad arguments")
+
+
+def magnitude_histograms(base: torch.Tensor, tensors: list[torch.Tensor], hists: list[torch.Tensor],
+                         predicted: list[list[int]]) -> None:
+    """Add the float32 magnitude keys of ``tensors[i] - base`` to ``hists[i]`` (int64,
+    contiguous): coarse buckets, with the fine bins of ``predicted[i]``'s buckets after
+    them (the layout of ``RankSelect._bin_index``)."""
+    lib = library()
+    assert lib is not None and len(tensors) == len(hists) == len(predicted) and 0 < len(tensors) <= MAX_MODELS
+    for h in hists:
+        assert h.dtype == torch.int64 and h.is_contiguous()
+    n = len(tensors)
+    width = max(1, max(len(p) for p in predicted))
+    xs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
+    dts = (ctypes.c_int32 * n)(*[DTYPE_CODES[t.dtype] for t in tensors])
+    hs = (ctypes.c_void_p * n)(*[h.data_ptr() for h in hists])
+    flat = [b for p in predicted for b in (list(p) + [-1] * (width - len(p)))]
+    pb = (ctypes.c_int32 * len(flat))(*flat)
+    npb = (ctypes.c_int32 * n)(*[len(p) for p in predicted])
+    rc = lib.dm_magnitude_histograms(base.data_ptr(), DTYPE_CODES[base.dtype], xs, dts, n, base.numel(), hs,
+                                     pb, npb, width)
+    if rc != 0:
+        raise RuntimeError("dm_magnitude_histograms: bad arguments")

@@ -1,0 +1,296 @@
+/* Fused CPU kernels for the task-arithmetic family (dmerge/methods/_gta.py) and its
+ * magnitude statistics (RankSelect in dmerge/methods/_sparsify.py).
+ *
+ * Why: the torch formulation of one TIES element costs ~60 small tensor operations per
+ * row block, each streaming float64 temporaries through the cache; here an element is
+ * read once, computed in registers and written once.
+ *
+ * Contract: every function reproduces the torch code path *bit for bit* (same IEEE
+ * operations in the same order, float64 unless said otherwise), so the output does not
+ * depend on whether this library was available. Compiled with -ffp-contract=off: a fused
+ * multiply-add would round differently. NaN results are NaN here too, but their payload
+ * bits may differ (torch itself gives different NaN bits on its vector and scalar paths).
+ *
+ * Built on first use by dmerge/native/__init__.py; loaded through ctypes, which releases
+ * the GIL for the duration of a call, so Dask's worker threads run these in parallel.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_F64 = 3 };
+enum { MASK_ALL = 0, MASK_NONE = 1, MASK_WINDOW = 2, MASK_RANDOM = 3 };
+
+#define BLOCK 1024          /* elements per step: a few float64 rows of this stay in L1 */
+#define MAX_MODELS 64
+#define COARSE_SHIFT 15
+#define COARSE_BINS (1 << 16)
+#define FINE_BINS (1 << COARSE_SHIFT)
+
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float f32_from(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* Exact conversion of an IEEE half (binary16) to float32. */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return f32_from(sign | 0x7F800000u | (man << 13));      /* inf / NaN */
+    if (exp != 0) return f32_from(sign | ((exp + 112) << 23) | (man << 13)); /* normal */
+    if (man == 0) return f32_from(sign);                                      /* +-0 */
+    /* subnormal: man * 2^-24 is exact in float32 */
+    float v = (float)man * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+}
+
+/* float32 -> binary16 with one round-to-nearest-even (the IEEE conversion). */
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t u = f32_bits(f);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u) /* inf stays inf, NaN stays a quiet NaN */
+        return sign | (a > 0x7F800000u ? 0x7E00 | ((a >> 13) & 0x3FF) : 0x7C00);
+    int32_t exp = (int32_t)(a >> 23) - 127;
+    if (exp > 15) return sign | 0x7C00; /* overflow */
+    uint32_t man = (a & 0x7FFFFF) | 0x800000; /* with the implicit bit, 24 bits */
+    int shift; /* bits of man dropped */
+    uint32_t base_exp;
+    if (exp >= -14) { shift = 13; base_exp = (uint32_t)(exp + 15); }
+    else {
+        shift = 13 + (-14 - exp); /* subnormal result */
+        base_exp = 0;
+        if (shift > 25) return sign; /* below half the smallest subnormal: rounds to 0 */
+    }
+    if (a == 0) return sign;
+    uint32_t kept = man >> shift;
+    uint32_t rest = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (kept & 1))) kept++;
+    /* normal: kept has the implicit bit at 2^10; a carry into 2^11 bumps the exponent,
+       which adding the fields does by itself. subnormal: kept may reach 2^10, the
+       smallest normal, which is again what adding gives. */
+    uint32_t r = base_exp ? ((base_exp - 1) << 10) + kept : kept;
+    if (r >= 0x7C00) return sign | 0x7C00;
+    return sign | (uint16_t)r;
+}
+
+/* float32 -> bfloat16, round to nearest even (NaN -> quiet NaN). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
+}
+
+/* float64 -> float32 whose later narrowing by `dropped` bits rounds like the float64
+ * value would (dmerge.numerics.round_to): a float32 exactly on a midpoint of the narrow
+ * type is moved one ulp towards the true value. */
+static inline float f64_to_f32_for(double v, int dropped) {
+    float f = (float)v;
+    uint32_t u = f32_bits(f);
+    uint32_t low = u & ((1u << dropped) - 1);
+    if (low == (1u << (dropped - 1))) {
+        double t = fabs(v), r = fabs((double)f);
+        u += (uint32_t)((t > r) - (t < r));
+        f = f32_from(u);
+    }
+    return f;
+}
+
+static void widen_f64(const void *src, int dt, int64_t at, int n, double *dst) {
+    switch (dt) {
+    case DT_F32: { const float *s = (const float *)src + at; for (int j = 0; j < n; j++) dst[j] = s[j]; break; }
+    case DT_BF16: { const uint16_t *s = (const uint16_t *)src + at;
+        for (int j = 0; j < n; j++) dst[j] = f32_from((uint32_t)s[j] << 16); break; }
+    case DT_F16: { const uint16_t *s = (const uint16_t *)src + at; for (int j = 0; j < n; j++) dst[j] = f16_to_f32(s[j]); break; }
+    default: { const double *s = (const double *)src + at; memcpy(dst, s, (size_t)n * sizeof(double)); break; }
+    }
+}
+
+static void widen_f32(const void *src, int dt, int64_t at, int n, float *dst) {
+    switch (dt) {
+    case DT_F32: memcpy(dst, (const float *)src + at, (size_t)n * sizeof(float)); break;
+    case DT_BF16: { const uint16_t *s = (const uint16_t *)src + at;
+        for (int j = 0; j < n; j++) dst[j] = f32_from((uint32_t)s[j] << 16); break; }
+    default: { const uint16_t *s = (const uint16_t *)src + at; for (int j = 0; j < n; j++) dst[j] = f16_to_f32(s[j]); break; }
+    }
+}
+
+static void store(const double *v, int n, void *dst, int dt, int64_t at) {
+    switch (dt) {
+    case DT_F32: { float *d = (float *)dst + at; for (int j = 0; j < n; j++) d[j] = (float)v[j]; break; }
+    case DT_BF16: { uint16_t *d = (uint16_t *)dst + at;
+        for (int j = 0; j < n; j++) d[j] = f32_to_bf16(f64_to_f32_for(v[j], 16)); break; }
+    case DT_F16: { uint16_t *d = (uint16_t *)dst + at;
+        for (int j = 0; j < n; j++) d[j] = f32_to_f16(f64_to_f32_for(v[j], 13)); break; }
+    default: memcpy((double *)dst + at, v, (size_t)n * sizeof(double)); break;
+    }
+}
+
+/* splitmix64 of counter c under key (dmerge.methods._sparsify._splitmix64). */
+static inline uint64_t splitmix64(uint64_t key, uint64_t c) {
+    uint64_t z = key + (c + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* One model's keep-mask, as the Python side describes it (see gta_merge there). */
+typedef struct {
+    const void *data;
+    int32_t dtype;
+    int32_t mask;        /* MASK_* */
+    double weight;
+    double factor;       /* rescale factor, applied after a WINDOW/RANDOM mask when != 1 */
+    /* MASK_WINDOW: keep keys in (bottom, top) (top < 0: no upper cut); keys equal to
+       tie_key[t] take consecutive ranks from tie_next[t] and are kept inside [lo, hi) */
+    int32_t bottom, top;
+    int32_t n_ties;
+    int32_t tie_key[2];
+    int64_t tie_next[2];
+    int64_t lo, hi;
+    /* MASK_RANDOM: keep where keyed bits < threshold */
+    uint64_t key;
+    int64_t threshold;
+} dm_model;
+
+static void apply_window(dm_model *m, const double *d, double *keep, int n) {
+    int32_t bottom = m->bottom, top = m->top;
+    for (int j = 0; j < n; j++) {
+        int32_t k = (int32_t)f32_bits(fabsf((float)d[j]));
+        keep[j] = (k > bottom && (top < 0 || k < top)) ? 1.0 : 0.0;
+    }
+    for (int t = 0; t < m->n_ties; t++) {
+        if (m->tie_next[t] >= m->hi) continue; /* every later tie ranks past the window */
+        int32_t tk = m->tie_key[t];
+        int64_t r = m->tie_next[t], lo = m->lo, hi = m->hi;
+        for (int j = 0; j < n; j++) {
+            int32_t k = (int32_t)f32_bits(fabsf((float)d[j]));
+            if (k == tk) { keep[j] = (r >= lo && r < hi) ? 1.0 : 0.0; r++; }
+        }
+        m->tie_next[t] = r;
+    }
+}
+
+static void apply_random(const dm_model *m, int64_t first, double *keep, int n) {
+    int64_t thr = m->threshold;
+    for (int j = 0; j < n; j++) {
+        uint64_t e = (uint64_t)(first + j);
+        uint64_t z = splitmix64(m->key, e >> 1);
+        int64_t bits = (int64_t)((e & 1) ? (z >> 32) : (z & 0xFFFFFFFFull));
+        keep[j] = bits < thr ? 1.0 : 0.0;
+    }
+}
+
+/* The family's formula on n elements (see dmerge/methods/_gta.py), in float64, rounded
+ * once to out_dtype. element_offset: flat index of element 0 in the whole tensor.
+ * Returns 0, or -1 when the arguments are out of range. */
+int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t element_offset,
+                 dm_model *models, int32_t n_models, int32_t consensus, int32_t normalize,
+                 double total_weight, double lam, void *out, int32_t out_dtype) {
+    if (n_models < 1 || n_models > MAX_MODELS) return -1;
+    double *buf = (double *)malloc(sizeof(double) * BLOCK * (size_t)(n_models + 4));
+    if (!buf) return -1;
+    double *b = buf, *keep = buf + BLOCK, *mixed = buf + 2 * BLOCK, *div = buf + 3 * BLOCK;
+    double *ds = buf + 4 * BLOCK;
+    int divide_total = !consensus && normalize && fabs(total_weight) >= 1e-8;
+    for (int64_t at = 0; at < n; at += BLOCK) {
+        int m = (int)(n - at < BLOCK ? n - at : BLOCK);
+        widen_f64(base, base_dtype, at, m, b);
+        for (int i = 0; i < n_models; i++) {
+            dm_model *md = &models[i];
+            double *d = ds + (size_t)i * BLOCK;
+            widen_f64(md->data, md->dtype, at, m, d);
+            for (int j = 0; j < m; j++) d[j] = d[j] - b[j];
+            if (md->mask == MASK_NONE) {
+                for (int j = 0; j < m; j++) d[j] = 0.0;
+            } else if (md->mask == MASK_WINDOW || md->mask == MASK_RANDOM) {
+                if (md->mask == MASK_WINDOW) apply_window(md, d, keep, m);
+                else apply_random(md, element_offset + at, keep, m);
+                for (int j = 0; j < m; j++) d[j] = d[j] * keep[j];
+                if (md->factor != 1.0) {
+                    double f = md->factor;
+                    for (int j = 0; j < m; j++) d[j] = d[j] * f;
+                }
+            }
+            double w = md->weight;
+            for (int j = 0; j < m; j++) d[j] = d[j] * w;
+        }
+        /* sum in model order */
+        if (n_models == 1) memcpy(mixed, ds, sizeof(double) * (size_t)m);
+        else {
+            const double *d0 = ds, *d1 = ds + BLOCK;
+            for (int j = 0; j < m; j++) mixed[j] = d0[j] + d1[j];
+            for (int i = 2; i < n_models; i++) {
+                const double *d = ds + (size_t)i * BLOCK;
+                for (int j = 0; j < m; j++) mixed[j] = mixed[j] + d[j];
+            }
+        }
+        if (consensus) {
+            /* sg = copysign(1, sum); agreeing part relu(sg * d_i); divisor sums w_i where
+               that part is > 0 (sign() of a relu is 0 or 1) */
+            for (int i = 0; i < n_models; i++) {
+                double *d = ds + (size_t)i * BLOCK;
+                double w = models[i].weight;
+                for (int j = 0; j < m; j++) {
+                    double r = d[j] * copysign(1.0, mixed[j]);
+                    d[j] = r < 0 ? 0.0 : r;
+                }
+                if (normalize) {
+                    if (i == 0) for (int j = 0; j < m; j++) div[j] = (d[j] > 0 ? 1.0 : 0.0) * w;
+                    else for (int j = 0; j < m; j++) div[j] = div[j] + w * (d[j] > 0 ? 1.0 : 0.0);
+                }
+            }
+            for (int j = 0; j < m; j++) {
+                double sg = copysign(1.0, mixed[j]);
+                double s = ds[j];
+                for (int i = 1; i < n_models; i++) s = s + ds[(size_t)i * BLOCK + j];
+                mixed[j] = s * sg;
+            }
+            if (normalize)
+                for (int j = 0; j < m; j++) mixed[j] = mixed[j] / (div[j] + (div[j] == 0 ? 1.0 : 0.0));
+        } else if (divide_total) {
+            for (int j = 0; j < m; j++) mixed[j] = mixed[j] / total_weight;
+        }
+        if (lam != 1.0)
+            for (int j = 0; j < m; j++) mixed[j] = mixed[j] * lam;
+        for (int j = 0; j < m; j++) mixed[j] = mixed[j] + b[j];
+        store(mixed, m, out, out_dtype, at);
+    }
+    free(buf);
+    return 0;
+}
+
+/* Radix-select coarse pass (RankSelect._coarse_chunk with magnitude keys of task
+ * vectors): for each model i, the float32 key bits(|x_i - base|) (subtracted in
+ * float32) of each of n elements is counted in hists[i] at its coarse bucket
+ * key >> 15, or, for a key inside the p-th predicted bucket of that model
+ * (predicted[i * max_predicted + p], n_predicted[i] of them), at
+ * COARSE_BINS + p * FINE_BINS + (key & (FINE_BINS - 1)). */
+int dm_magnitude_histograms(const void *base, int32_t base_dtype, const void **xs, const int32_t *x_dtypes,
+                            int32_t n_models, int64_t n, int64_t **hists, const int32_t *predicted,
+                            const int32_t *n_predicted, int32_t max_predicted) {
+    if (n_models < 1 || n_models > MAX_MODELS) return -1;
+    float *buf = (float *)malloc(sizeof(float) * BLOCK * 2);
+    if (!buf) return -1;
+    float *b = buf, *x = buf + BLOCK;
+    for (int64_t at = 0; at < n; at += BLOCK) {
+        int m = (int)(n - at < BLOCK ? n - at : BLOCK);
+        widen_f32(base, base_dtype, at, m, b);
+        for (int i = 0; i < n_models; i++) {
+            widen_f32(xs[i], x_dtypes[i], at, m, x);
+            int64_t *h = hists[i];
+            int np = n_predicted[i];
+            const int32_t *pb = predicted + (size_t)i * max_predicted;
+            for (int j = 0; j < m; j++) {
+                int32_t k = (int32_t)f32_bits(fabsf(x[j] - b[j]));
+                int32_t idx = k >> COARSE_SHIFT;
+                for (int p = 0; p < np; p++)
+                    if (idx == pb[p]) { idx = COARSE_BINS + p * FINE_BINS + (k & (FINE_BINS - 1)); break; }
+                h[idx]++;
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+int dm_abi_version(void) { return 1; }

@@ -1,0 +1,209 @@
+"""The fused CPU kernels (dmerge/native) give the torch path's bytes, bit for bit.
+
+Every task-arithmetic method is run chunk by chunk twice on the same inputs, once with
+the kernels and once with ``DMERGE_NATIVE=0``, over input and output dtypes, row
+splittings, heavy magnitude ties at the top-k threshold, signed zeros, infinities and
+NaN, negative and cancelling weights; the histogram kernel is checked against the torch
+bincount it replaces; a failing compiler falls back to torch.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+import torch
+
+from dmerge import native
+from dmerge.methods import ChunkInputs, get_method
+from dmerge.methods import _sparsify as sp
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the kernels cannot be built")
+
+SHAPE = (41, 67)
+
+
+def resolved(method, shared: dict, per_model: list[dict]) -> tuple[dict, list[dict]]:
+    """Parameters with the method's defaults filled in (the base model first)."""
+    params = {p.name: shared.get(p.name, p.default) for p in method.params}
+    models = [{}]
+    for given in per_model:
+        models.append({p.name: given.get(p.name, p.default) for p in method.model_params})
+    return params, models
+
+
+def parents(seed: int, n_models: int, dtype: torch.dtype, specials: bool) -> list[torch.Tensor]:
+    """base + fine-tunes whose task vectors have few distinct magnitudes (ties at any
+    threshold), exact zeros, and optionally signed zeros, infinities and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    out = [base]
+    for _ in range(n_models):
+        steps = torch.randint(-3, 4, SHAPE, generator=g).double() * 0.01  # 7 values: heavy ties, zeros
+        noise = torch.randn(SHAPE, generator=g, dtype=torch.float64) * 1e-3
+        pick = torch.rand(SHAPE, generator=g)
+        # a quarter unrelated to the base: differences with all their low bits in use
+        scale = torch.pow(2.0, -torch.randint(0, 24, SHAPE, generator=g).double())
+        unrelated = torch.randn(SHAPE, generator=g, dtype=torch.float64) * scale
+        out.append(torch.where(pick < 0.4, base + steps, torch.where(pick < 0.75, base + noise, unrelated)))
+    out = [t.to(dtype) for t in out]
+    if specials:
+        # signed zeros everywhere in row 0 (negative weights turn +0 task vectors into -0)
+        zeros = torch.tensor([0.0, -0.0])
+        out[0][0] = zeros[torch.arange(SHAPE[1]) % 2]
+        for k, t in enumerate(out[1:]):
+            t[0] = zeros[(torch.arange(SHAPE[1]) >> (k + 1)) % 2]
+        # row 3: only the last model moves, and it moves down (its task vector is all
+        # that can decide the sign of a zero result on a -0 base)
+        out[0][3] = -0.0
+        for t in out[1:-1]:
+            t[3] = zeros[torch.arange(SHAPE[1]) % 2]
+        out[-1][3] = -1.0
+        out[1][0, 40] = float("inf")
+        out[2][1, 3] = float("nan")
+        out[0][2, 7] = float("-inf")
+    return out
+
+
+def run_chunks(name: str, tensors: list[torch.Tensor], params: dict, model_params: list[dict],
+               row_splits: list[int], out_dtype: torch.dtype, seed: int = 7) -> torch.Tensor:
+    """A method's statistics and merge chunk by chunk, as the engine runs them."""
+    method = get_method(name)
+    bounds = [0, *row_splits, SHAPE[0]]
+
+    def chunk(r0, r1, stats):
+        return ChunkInputs(tensor_name="model.layers.0.mlp.up_proj.weight", tensors=[t[r0:r1] for t in tensors],
+                           base_index=0, params=params, model_params=model_params, full_shape=SHAPE,
+                           row_start=r0, row_stop=r1, seed=seed, compute_dtype=torch.float64,
+                           out_dtype=out_dtype, stats=dict(stats))
+
+    stats: dict = {}
+    rnd = random.Random(len(row_splits))
+    for stat in method.statistics:
+        ctx = ChunkInputs(tensor_name="model.layers.0.mlp.up_proj.weight", tensors=[], base_index=0, params=params,
+                          model_params=model_params, full_shape=SHAPE, stats=dict(stats), seed=seed)
+        if not stat.applies(ctx):
+            continue
+        partials = [stat.chunk(chunk(r0, r1, stats)) for r0, r1 in zip(bounds, bounds[1:])]
+        rnd.shuffle(partials)
+        stats[stat.name] = stat.final(stat.combine_all(partials), ctx)
+    return torch.cat([method.fn(chunk(r0, r1, stats)) for r0, r1 in zip(bounds, bounds[1:])])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal bytes, except that a NaN only has to be a NaN (its payload bits may differ)."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    nan = torch.isnan(a.double())
+    assert torch.equal(nan, torch.isnan(b.double()))
+    width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    diff = (a.view(width) != b.view(width)) & ~nan
+    assert not bool(diff.any()), f"{int(diff.sum())} elements differ, first at {diff.nonzero()[0].tolist()}"
+
+
+CASES = {
+    "ties": ("ties", {}, [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": 0.3}, {"weight": 0.4, "density": 0.9}]),
+    "ties_lambda": ("ties", {"lambda": 0.8, "normalize": False},
+                    [{"weight": 1.0, "density": 0.5}, {"weight": -0.5, "density": 0.2}, {"weight": 0.5, "density": 1}]),
+    "ties_cancelling": ("ties", {}, [{"weight": 1.0, "density": 0.4}, {"weight": -1.0, "density": 0.4},
+                             {"weight": 0.0, "density": 0.6}]),
+    "ties_rescaled": ("ties", {"rescale": True}, [{"weight": 0.6, "density": 0.3}, {"weight": 0.4, "density": 0.6},
+                                          {"weight": 0.3, "density": 0.0}]),
+    "task_arithmetic": ("task_arithmetic", {"lambda": 1.3}, [{"weight": 0.5}, {"weight": -0.25}, {"weight": 0.75}]),
+    "task_arithmetic_normalized": ("task_arithmetic", {"normalize": True}, [{"weight": 0.5}, {"weight": 0.25}, {"weight": 0.75}]),
+    "dare_ties": ("dare_ties", {}, [{"weight": 0.5, "density": 0.6}, {"weight": 0.3, "density": 0.4}, {"weight": 0.2, "density": 1}]),
+    "dare_linear": ("dare_linear", {"normalize": True}, [{"weight": 0.5, "density": 0.6}, {"weight": 0.5, "density": 0.3},
+                                          {"weight": 0.5, "density": 0.0}]),
+    "dare_linear_negative": ("dare_linear", {}, [{"weight": -0.5, "density": 0.6}, {"weight": -0.5, "density": 0.3},
+                                                 {"weight": 0.5, "density": 0.0}]),
+    "breadcrumbs": ("breadcrumbs", {}, [{"weight": 0.5, "density": 0.6, "gamma": 0.05}, {"weight": 0.5, "density": 0.5, "gamma": 0.1},
+                         {"weight": 0.3, "density": 0.3, "gamma": 0.0}]),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {}, [{"weight": 0.5, "density": 0.6, "gamma": 0.05},
+                              {"weight": 0.5, "density": 0.5, "gamma": 0.2}, {"weight": 1.0, "density": 0.3}]),
+    "della_linear": ("della_linear", {}, [{"weight": 0.5, "density": 0.6, "epsilon": 0.0}, {"weight": 0.5, "density": 0.4,
+                                                                          "epsilon": 0.0}]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                 (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float64)])
+def test_kernel_gives_the_torch_bytes(monkeypatch, case, in_dtype, out_dtype):
+    name, shared, per_model = CASES[case]
+    params, model_params = resolved(get_method(name), shared, per_model)
+    tensors = parents(zlib.crc32(case.encode()), len(per_model), in_dtype, specials=in_dtype != torch.float32)
+    for splits in ([], [3, 17, 18, 30]):
+        fused = run_chunks(name, tensors, params, model_params, splits, out_dtype)
+        monkeypatch.setenv("DMERGE_NATIVE", "0")
+        reference = run_chunks(name, tensors, params, model_params, splits, out_dtype)
+        monkeypatch.delenv("DMERGE_NATIVE")
+        same_bits(fused, reference)
+
+
+def test_kernel_is_used(monkeypatch):
+    """Guard for the test above: the fused path really runs (it would pass vacuously if
+    both runs took the torch path)."""
+    calls = []
+    real = native.gta_merge
+    monkeypatch.setattr(native, "gta_merge", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    name, shared, per_model = CASES["ties"]
+    params, model_params = resolved(get_method(name), shared, per_model)
+    run_chunks(name, parents(1, 3, torch.bfloat16, False), params, model_params, [10], torch.bfloat16)
+    assert len(calls) == 2
+
+
+def test_rounding_matches_torch_for_every_output_dtype(monkeypatch):
+    """Results spanning every binade of the output types (subnormals, overflow, exact
+    midpoints of bf16 and fp16) round exactly as dmerge.numerics.round_to does."""
+    g = torch.Generator().manual_seed(3)
+    n = SHAPE[0] * SHAPE[1]
+    exponent = torch.randint(-40, 40, (n,), generator=g).double()
+    value = torch.randn(n, generator=g, dtype=torch.float64).mul(torch.pow(2.0, exponent)).to(torch.float32)
+    # exact float32 midpoints of bf16 and fp16 steps, and neighbours of the largest finite values
+    value[:8] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 65520.0, 65519.0, 3.3961776e38, 6e-8, 3e-8])
+    base = torch.zeros(SHAPE, dtype=torch.float32)
+    model = value.reshape(SHAPE)
+    name = "task_arithmetic"
+    for lam in (1.0, 1 / 3, 1 + 2**-20):
+        params, model_params = resolved(get_method(name), {"lambda": lam}, [{"weight": 1.0}])
+        for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+            fused = run_chunks(name, [base, model], params, model_params, [], out_dtype)
+            monkeypatch.setenv("DMERGE_NATIVE", "0")
+            reference = run_chunks(name, [base, model], params, model_params, [], out_dtype)
+            monkeypatch.delenv("DMERGE_NATIVE")
+            same_bits(fused, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_histogram_kernel_counts_like_bincount(dtype):
+    tensors = parents(11, 3, dtype, specials=dtype != torch.float32)
+    base, models = tensors[0], tensors[1:]
+    keys = [sp.magnitude_key(m.float() - base.float()).reshape(-1) for m in models]
+    # predict the buckets of the most common keys with the lowest bit set
+    odd = [k[k % 2 == 1] for k in keys]
+    predicted = [[int(torch.mode(odd[0] >> sp.COARSE_SHIFT).values)], [],
+                 [int(torch.mode(odd[2] >> sp.COARSE_SHIFT).values), 1]]
+    n_bins = sp.COARSE_BINS + 2 * sp.FINE_BINS
+    hists = [torch.zeros(n_bins, dtype=torch.int64) for _ in models]
+    native.magnitude_histograms(base, models, hists, predicted)
+    odd_fine = 0
+    for k, h, p in zip(keys, hists, predicted):
+        expected = torch.bincount(sp.RankSelect._bin_index(k, p), minlength=n_bins)
+        assert torch.equal(h, expected)
+        odd_fine += int(h[sp.COARSE_BINS + 1::2].sum())
+    assert odd_fine > 0  # keys whose lowest bit is set were counted in fine bins
+
+
+def test_compiler_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("DMERGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    assert native.library() is None
+    assert "unavailable" in caplog.text
+    assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+    name, shared, per_model = CASES["ties"]
+    params, model_params = resolved(get_method(name), shared, per_model)
+    out = run_chunks(name, parents(2, 3, torch.bfloat16, False), params, model_params, [20], torch.bfloat16)
+    assert out.shape == SHAPE and out.dtype == torch.bfloat16
