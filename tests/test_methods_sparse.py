@@ -649,9 +649,10 @@ def test_bucket_prediction_only_saves_work(mini_family, mini_parents, tmp_path_f
             passes[caller] += 1
         return real_blocks(x, *args, **kwargs)
 
-    def count_native(self, *args):  # the coarse pass may count with the fused kernel instead
+    def count_native(self, *args):  # either pass may count with the fused kernel instead
         counted = real_native(self, *args)
-        passes["_coarse_chunk"] += counted
+        caller = sys._getframe(1).f_code.co_name
+        passes["_fine_chunk" if caller == "_fine_native" else "_coarse_chunk"] += counted
         return counted
 
     sampled = RankSelect._predict_buckets

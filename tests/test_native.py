@@ -207,3 +207,28 @@ def test_compiler_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     params, model_params = resolved(get_method(name), shared, per_model)
     out = run_chunks(name, parents(2, 3, torch.bfloat16, False), params, model_params, [20], torch.bfloat16)
     assert out.shape == SHAPE and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("case", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("guess", ["none", "wrong"])
+def test_fine_pass_kernel_gives_the_torch_bytes(monkeypatch, case, guess):
+    """With the bucket prediction withheld or wrong, the second (fine) pass counts the
+    threshold's bucket: by the kernel and by torch, to the same bytes."""
+    real = sp.RankSelect._predict_buckets
+
+    def predict(self, x, ids):
+        found = real(self, x, ids)
+        return {} if guess == "none" else {i: [b + 1 for b in bs] for i, bs in found.items()}
+
+    monkeypatch.setattr(sp.RankSelect, "_predict_buckets", predict)
+    calls = []
+    real_fine = sp.RankSelect._fine_native
+    monkeypatch.setattr(sp.RankSelect, "_fine_native", lambda *a: calls.append(real_fine(*a)) or calls[-1])
+    name, shared, per_model = CASES[case]
+    params, model_params = resolved(get_method(name), shared, per_model)
+    tensors = parents(zlib.crc32(case.encode()), len(per_model), torch.bfloat16, specials=True)
+    fused = run_chunks(name, tensors, params, model_params, [9, 30], torch.bfloat16)
+    assert any(calls)  # the kernel counted the fine pass
+    monkeypatch.setenv("DMERGE_NATIVE", "0")
+    reference = run_chunks(name, tensors, params, model_params, [9, 30], torch.bfloat16)
+    same_bits(fused, reference)

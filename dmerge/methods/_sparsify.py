@@ -408,7 +408,8 @@ class RankSelect:
                 elif (i, t["bin"]) not in out:
                     bins.setdefault(i, set()).add(t["bin"])
         hists = {(i, b): torch.zeros(FINE_BINS + 2, dtype=torch.int64) for i, bs in bins.items() for b in bs}
-        if bins:  # a prediction missed: count the bucket's low bits in a second pass
+        # a prediction missed: count the bucket's low bits in a second pass
+        if bins and not self._fine_native(x, bins, hists):
             for xb in blocks(x, self.pass_dtype(x)):
                 for i, k in self.keys(xb, list(bins)).items():
                     k = k.reshape(-1)
@@ -423,6 +424,21 @@ class RankSelect:
             nz = h.nonzero().squeeze(1)
             out[key] = (nz, h[nz])
         return {x.row_start: out}
+
+    def _fine_native(self, x: ChunkInputs, bins: dict, hists: dict) -> bool:
+        """The fine histograms of ``bins`` (``{id: buckets}``) into ``hists`` (laid out as in
+        :meth:`_fine_chunk`) with the fused kernel, which counts them as it would a
+        predicted bucket; False (nothing counted) where it does not apply."""
+        ids = list(bins)
+        buckets = {i: sorted(bins[i]) for i in ids}
+        width = max(len(bs) for bs in buckets.values())
+        full = {i: torch.zeros(COARSE_BINS + FINE_BINS * width, dtype=torch.int64) for i in ids}
+        if not self._count_native(x, ids, buckets, full):
+            return False
+        for i in ids:
+            for j, b in enumerate(buckets[i]):
+                hists[(i, b)][1:-1] += full[i][COARSE_BINS + j * FINE_BINS: COARSE_BINS + (j + 1) * FINE_BINS]
+        return True
 
     @staticmethod
     def _fine_combine(partials: list[dict]) -> dict:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gta.c")
 ABI_VERSION = 1
 # -ffp-contract=off: no fused multiply-add, which would round differently from torch.
-CFLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno"]
+CFLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 MASK_ALL, MASK_NONE, MASK_WINDOW, MASK_RANDOM = 0, 1, 2, 3

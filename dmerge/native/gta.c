@@ -27,6 +27,7 @@ enum { MASK_ALL = 0, MASK_NONE = 1, MASK_WINDOW = 2, MASK_RANDOM = 3 };
 #define COARSE_SHIFT 15
 #define COARSE_BINS (1 << 16)
 #define FINE_BINS (1 << COARSE_SHIFT)
+#define HIST_COPIES 4
 
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float f32_from(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -152,21 +153,32 @@ typedef struct {
     int64_t threshold;
 } dm_model;
 
-static void apply_window(dm_model *m, const double *d, double *keep, int n) {
+static void apply_window(dm_model *m, const double *d, int32_t *keys, double *keep, int n) {
     int32_t bottom = m->bottom, top = m->top;
+    for (int j = 0; j < n; j++) keys[j] = (int32_t)f32_bits(fabsf((float)d[j]));
     for (int j = 0; j < n; j++) {
-        int32_t k = (int32_t)f32_bits(fabsf((float)d[j]));
-        keep[j] = (k > bottom && (top < 0 || k < top)) ? 1.0 : 0.0;
+        int32_t k = keys[j];
+        keep[j] = (double)((k > bottom) & ((top < 0) | (k < top)));
     }
     for (int t = 0; t < m->n_ties; t++) {
         if (m->tie_next[t] >= m->hi) continue; /* every later tie ranks past the window */
         int32_t tk = m->tie_key[t];
         int64_t r = m->tie_next[t], lo = m->lo, hi = m->hi;
-        for (int j = 0; j < n; j++) {
-            int32_t k = (int32_t)f32_bits(fabsf((float)d[j]));
-            if (k == tk) { keep[j] = (r >= lo && r < hi) ? 1.0 : 0.0; r++; }
+        /* A tie's keep is 0 so far (tk is bottom or top, both excluded above). Ties are
+           common (bf16 task vectors): no branches on them, and ranks only in the one
+           block where the window's edge falls. */
+        int64_t count = 0;
+        for (int j = 0; j < n; j++) count += keys[j] == tk;
+        if (r >= lo && r + count <= hi) {
+            for (int j = 0; j < n; j++) keep[j] = keep[j] + (double)(keys[j] == tk);
+        } else if (r + count > lo) {
+            for (int j = 0; j < n; j++) {
+                int64_t eq = keys[j] == tk;
+                keep[j] = keep[j] + (double)(eq & (r >= lo) & (r < hi));
+                r += eq;
+            }
         }
-        m->tie_next[t] = r;
+        m->tie_next[t] = m->tie_next[t] + count;
     }
 }
 
@@ -176,7 +188,7 @@ static void apply_random(const dm_model *m, int64_t first, double *keep, int n) 
         uint64_t e = (uint64_t)(first + j);
         uint64_t z = splitmix64(m->key, e >> 1);
         int64_t bits = (int64_t)((e & 1) ? (z >> 32) : (z & 0xFFFFFFFFull));
-        keep[j] = bits < thr ? 1.0 : 0.0;
+        keep[j] = (double)(bits < thr);
     }
 }
 
@@ -191,6 +203,7 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
     if (!buf) return -1;
     double *b = buf, *keep = buf + BLOCK, *mixed = buf + 2 * BLOCK, *div = buf + 3 * BLOCK;
     double *ds = buf + 4 * BLOCK;
+    int32_t keys[BLOCK];
     int divide_total = !consensus && normalize && fabs(total_weight) >= 1e-8;
     for (int64_t at = 0; at < n; at += BLOCK) {
         int m = (int)(n - at < BLOCK ? n - at : BLOCK);
@@ -203,7 +216,7 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
             if (md->mask == MASK_NONE) {
                 for (int j = 0; j < m; j++) d[j] = 0.0;
             } else if (md->mask == MASK_WINDOW || md->mask == MASK_RANDOM) {
-                if (md->mask == MASK_WINDOW) apply_window(md, d, keep, m);
+                if (md->mask == MASK_WINDOW) apply_window(md, d, keys, keep, m);
                 else apply_random(md, element_offset + at, keep, m);
                 for (int j = 0; j < m; j++) d[j] = d[j] * keep[j];
                 if (md->factor != 1.0) {
@@ -234,19 +247,20 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
                     double r = d[j] * copysign(1.0, mixed[j]);
                     d[j] = r < 0 ? 0.0 : r;
                 }
-                if (normalize) {
-                    if (i == 0) for (int j = 0; j < m; j++) div[j] = (d[j] > 0 ? 1.0 : 0.0) * w;
-                    else for (int j = 0; j < m; j++) div[j] = div[j] + w * (d[j] > 0 ? 1.0 : 0.0);
+                if (normalize) { /* (double)(comparison), not ?: -- branch-free, vectorized */
+                    if (i == 0) for (int j = 0; j < m; j++) div[j] = (double)(d[j] > 0) * w;
+                    else for (int j = 0; j < m; j++) div[j] = div[j] + w * (double)(d[j] > 0);
                 }
             }
-            for (int j = 0; j < m; j++) {
-                double sg = copysign(1.0, mixed[j]);
-                double s = ds[j];
-                for (int i = 1; i < n_models; i++) s = s + ds[(size_t)i * BLOCK + j];
-                mixed[j] = s * sg;
+            double *agreeing = keep; /* sum of the agreeing parts, in model order */
+            memcpy(agreeing, ds, sizeof(double) * (size_t)m);
+            for (int i = 1; i < n_models; i++) {
+                const double *d = ds + (size_t)i * BLOCK;
+                for (int j = 0; j < m; j++) agreeing[j] = agreeing[j] + d[j];
             }
+            for (int j = 0; j < m; j++) mixed[j] = agreeing[j] * copysign(1.0, mixed[j]);
             if (normalize)
-                for (int j = 0; j < m; j++) mixed[j] = mixed[j] / (div[j] + (div[j] == 0 ? 1.0 : 0.0));
+                for (int j = 0; j < m; j++) mixed[j] = mixed[j] / (div[j] + (double)(div[j] == 0));
         } else if (divide_total) {
             for (int j = 0; j < m; j++) mixed[j] = mixed[j] / total_weight;
         }
@@ -268,28 +282,51 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
 int dm_magnitude_histograms(const void *base, int32_t base_dtype, const void **xs, const int32_t *x_dtypes,
                             int32_t n_models, int64_t n, int64_t **hists, const int32_t *predicted,
                             const int32_t *n_predicted, int32_t max_predicted) {
-    if (n_models < 1 || n_models > MAX_MODELS) return -1;
+    if (n_models < 1 || n_models > MAX_MODELS || max_predicted < 0) return -1;
+    /* Task vectors of bf16 parents take few distinct magnitudes: consecutive increments
+       of one counter would wait on each other, so elements alternate between HIST_COPIES
+       private histograms (int32, flushed well before they could overflow). */
+    size_t bins = (size_t)COARSE_BINS + (size_t)FINE_BINS * (size_t)max_predicted;
+    uint32_t *local = (uint32_t *)calloc(bins * HIST_COPIES, sizeof(uint32_t));
     float *buf = (float *)malloc(sizeof(float) * BLOCK * 2);
-    if (!buf) return -1;
+    int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * BLOCK);
+    if (!local || !buf || !idx) { free(local); free(buf); free(idx); return -1; }
     float *b = buf, *x = buf + BLOCK;
-    for (int64_t at = 0; at < n; at += BLOCK) {
-        int m = (int)(n - at < BLOCK ? n - at : BLOCK);
-        widen_f32(base, base_dtype, at, m, b);
-        for (int i = 0; i < n_models; i++) {
+    int32_t keys[BLOCK];
+    for (int i = 0; i < n_models; i++) {
+        int np = n_predicted[i];
+        const int32_t *pb = predicted + (size_t)i * max_predicted;
+        int64_t since_flush = 0;
+        for (int64_t at = 0; at < n; at += BLOCK) {
+            int m = (int)(n - at < BLOCK ? n - at : BLOCK);
+            widen_f32(base, base_dtype, at, m, b);
             widen_f32(xs[i], x_dtypes[i], at, m, x);
-            int64_t *h = hists[i];
-            int np = n_predicted[i];
-            const int32_t *pb = predicted + (size_t)i * max_predicted;
             for (int j = 0; j < m; j++) {
                 int32_t k = (int32_t)f32_bits(fabsf(x[j] - b[j]));
-                int32_t idx = k >> COARSE_SHIFT;
-                for (int p = 0; p < np; p++)
-                    if (idx == pb[p]) { idx = COARSE_BINS + p * FINE_BINS + (k & (FINE_BINS - 1)); break; }
-                h[idx]++;
+                keys[j] = k;
+                idx[j] = k >> COARSE_SHIFT;
+            }
+            for (int p = 0; p < np; p++) { /* a select, not a branch: the bucket is a common one */
+                int32_t bucket = pb[p], fine = COARSE_BINS + p * FINE_BINS;
+                for (int j = 0; j < m; j++)
+                    idx[j] = idx[j] == bucket ? fine + (keys[j] & (FINE_BINS - 1)) : idx[j];
+            }
+            int j = 0;
+            for (; j + HIST_COPIES <= m; j += HIST_COPIES)
+                for (int c = 0; c < HIST_COPIES; c++) local[(size_t)c * bins + idx[j + c]]++;
+            for (; j < m; j++) local[idx[j]]++;
+            since_flush += m;
+            if (since_flush > (1 << 30) || at + m >= n) { /* add into the caller's int64 counts */
+                int64_t *h = hists[i];
+                for (int c = 0; c < HIST_COPIES; c++) {
+                    uint32_t *l = local + (size_t)c * bins;
+                    for (size_t q = 0; q < bins; q++) { h[q] += l[q]; l[q] = 0; }
+                }
+                since_flush = 0;
             }
         }
     }
-    free(buf);
+    free(local); free(buf); free(idx);
     return 0;
 }
 
