@@ -182,15 +182,20 @@ def test_histogram_kernel_counts_like_bincount(dtype):
     keys = [sp.magnitude_key(m.float() - base.float()).reshape(-1) for m in models]
     # predict the buckets of the most common keys with the lowest bit set
     odd = [k[k % 2 == 1] for k in keys]
-    predicted = [[int(torch.mode(odd[0] >> sp.COARSE_SHIFT).values)], [],
-                 [int(torch.mode(odd[2] >> sp.COARSE_SHIFT).values), 1]]
-    n_bins = sp.COARSE_BINS + 2 * sp.FINE_BINS
+    common = [int(torch.mode(o >> sp.COARSE_SHIFT).values) for o in odd]
+    # one bucket; a range of buckets with a gap (the lookup-table path); two far apart
+    predicted = [[common[0]], [common[1] - 3, common[1] - 1, common[1], common[1] + 1, common[1] + 2], [1, common[2]]]
+    n_bins = sp.COARSE_BINS + 5 * sp.FINE_BINS
     hists = [torch.zeros(n_bins, dtype=torch.int64) for _ in models]
     native.magnitude_histograms(base, models, hists, predicted)
     odd_fine = 0
     for k, h, p in zip(keys, hists, predicted):
-        expected = torch.bincount(sp.RankSelect._bin_index(k, p), minlength=n_bins)
-        assert torch.equal(h, expected)
+        index = k >> sp.COARSE_SHIFT  # what each key's histogram index must be
+        fine = index.clone()
+        for j, b in enumerate(p):
+            fine[index == b] = sp.COARSE_BINS + j * sp.FINE_BINS + (k[index == b] & (sp.FINE_BINS - 1))
+        assert torch.equal(sp.RankSelect._bin_index(k, p), fine)  # the torch path
+        assert torch.equal(h, torch.bincount(fine, minlength=n_bins))  # the kernel
         odd_fine += int(h[sp.COARSE_BINS + 1::2].sum())
     assert odd_fine > 0  # keys whose lowest bit is set were counted in fine bins
 

@@ -188,6 +188,7 @@ COARSE_SHIFT = 15  # stage 1: bits 30..15 of the float32 pattern (8 exponent + 8
 COARSE_BINS = 1 << 16
 FINE_BINS = 1 << COARSE_SHIFT
 PREDICT_ELEMENTS = 1 << 16  # sample size of the bucket prediction (see RankSelect._predict_buckets)
+PREDICT_BUCKETS = 32  # at most this many buckets per target rank are predicted (counted finely)
 ALL = "all"
 NONE = "none"
 
@@ -313,6 +314,17 @@ class RankSelect:
         predicted bucket, ``COARSE_BINS + j * FINE_BINS +`` its low bits (one bincount
         gives both histograms)."""
         index = k >> COARSE_SHIFT
+        if len(buckets) > 2:  # a range of buckets (continuous keys): one lookup, not a pass per bucket
+            first = buckets[0]
+            table = torch.full((buckets[-1] - first + 1,), -1, dtype=index.dtype, device=index.device)
+            table[torch.tensor(buckets, device=index.device) - first] = torch.arange(
+                len(buckets), dtype=index.dtype, device=index.device)
+            offset = index - first
+            inside = (offset >= 0) & (offset < table.numel())
+            position = table[offset.clamp(0, table.numel() - 1)]
+            inside &= position >= 0
+            fine = position.mul_(FINE_BINS).add_(k & (FINE_BINS - 1)).add_(COARSE_BINS)
+            return torch.where(inside, fine, index)
         for j, b in enumerate(buckets):
             # integer arithmetic only (torch.where is several times slower here):
             # inside = 1 - min(|bucket - b|, 1); index += inside * (fine index - index),
@@ -325,10 +337,12 @@ class RankSelect:
     def _predict_buckets(self, x: ChunkInputs, ids: list) -> dict:
         """``{id: [bucket, ...]}``: the coarse bucket of each target rank's key, predicted from
         a sample of about ``PREDICT_ELEMENTS`` keys (whole rows, evenly strided through the
-        chunk): when the sample's keys within a few standard errors of the target quantile
-        all lie in one bucket (as with the heavily tied magnitudes of bf16 task vectors),
-        that bucket; otherwise no prediction. Only a guess: a wrong one costs the fine
-        pass it would have saved. Selections whose window depends on the non-zero count
+        chunk): the buckets holding the sample's keys within a few standard errors of the
+        target quantile, when there are at most ``PREDICT_BUCKETS`` of them, fewer on
+        small chunks (one for the heavily tied magnitudes of bf16 task vectors, a range
+        for continuous ones);
+        otherwise no prediction. Only a guess: a wrong one costs the fine pass it would
+        have saved. Selections whose window depends on the non-zero count
         are not predicted."""
         if self.count_nonzero or not ids or not x.tensors[0].numel():
             return {}
@@ -339,6 +353,8 @@ class RankSelect:
         dtype = self.pass_dtype(x)
         picked = [t[::stride] if t.dim() >= 2 else t for t in x.tensors]
         sample = dataclasses.replace(x, tensors=[widen(t, dtype) for t in picked], compute_dtype=None)
+        # each finely counted bucket costs a fixed 32K bins per chunk: worth it on big chunks
+        limit = max(1, min(PREDICT_BUCKETS, x.tensors[0].numel() >> 19))
         predicted = {}
         for i, keys in self.keys(sample, ids).items():
             keys = keys.reshape(-1)
@@ -351,12 +367,12 @@ class RankSelect:
                 q = rank / n
                 at = q * m  # descending position in the sample
                 spread = 4 * math.sqrt(m * q * (1 - q)) + 1  # the sample quantile's error, generously
-                ends = {int(torch.kthvalue(keys, m - min(m - 1, max(0, int(p)))).values) >> COARSE_SHIFT
-                        for p in (at - spread, at + spread)}
-                if len(ends) > 1:  # continuous keys: the rank may fall in any of several buckets
+                low, high = sorted(int(torch.kthvalue(keys, m - min(m - 1, max(0, int(p)))).values) >> COARSE_SHIFT
+                                   for p in (at - spread, at + spread))
+                if high - low >= limit:  # too wide a range to count every bucket finely
                     buckets = set()
                     break
-                buckets |= ends
+                buckets |= set(range(low, high + 1))
             if buckets:
                 predicted[i] = sorted(buckets)
         return predicted

@@ -285,17 +285,32 @@ int dm_magnitude_histograms(const void *base, int32_t base_dtype, const void **x
     if (n_models < 1 || n_models > MAX_MODELS || max_predicted < 0) return -1;
     /* Task vectors of bf16 parents take few distinct magnitudes: consecutive increments
        of one counter would wait on each other, so elements alternate between HIST_COPIES
-       private histograms (int32, flushed well before they could overflow). */
-    size_t bins = (size_t)COARSE_BINS + (size_t)FINE_BINS * (size_t)max_predicted;
-    uint32_t *local = (uint32_t *)calloc(bins * HIST_COPIES, sizeof(uint32_t));
+       private coarse histograms; the fine bins (few keys each) have one. int32 counts,
+       added into the caller's int64 ones well before they could overflow. */
+    size_t fine_bins = (size_t)FINE_BINS * (size_t)max_predicted;
+    size_t coarse_all = (size_t)COARSE_BINS * HIST_COPIES;
+    uint32_t *local = (uint32_t *)calloc(coarse_all + fine_bins, sizeof(uint32_t));
     float *buf = (float *)malloc(sizeof(float) * BLOCK * 2);
-    int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * BLOCK);
-    if (!local || !buf || !idx) { free(local); free(buf); free(idx); return -1; }
+    int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * BLOCK * 2);
+    int32_t *position = NULL;
+    int rc = -1;
+    if (!local || !buf || !idx) goto done;
     float *b = buf, *x = buf + BLOCK;
-    int32_t keys[BLOCK];
+    int32_t *keys = idx + BLOCK;
     for (int i = 0; i < n_models; i++) {
         int np = n_predicted[i];
         const int32_t *pb = predicted + (size_t)i * max_predicted;
+        int32_t first = 0;
+        uint32_t span = 0;
+        if (np > 2) { /* bucket -> its position among the predicted ones, or -1 */
+            first = pb[0];
+            span = (uint32_t)(pb[np - 1] - first + 1);
+            free(position);
+            position = (int32_t *)malloc(sizeof(int32_t) * span);
+            if (!position) goto done;
+            for (uint32_t q = 0; q < span; q++) position[q] = -1;
+            for (int p = 0; p < np; p++) position[pb[p] - first] = p;
+        }
         int64_t since_flush = 0;
         for (int64_t at = 0; at < n; at += BLOCK) {
             int m = (int)(n - at < BLOCK ? n - at : BLOCK);
@@ -306,28 +321,49 @@ int dm_magnitude_histograms(const void *base, int32_t base_dtype, const void **x
                 keys[j] = k;
                 idx[j] = k >> COARSE_SHIFT;
             }
-            for (int p = 0; p < np; p++) { /* a select, not a branch: the bucket is a common one */
-                int32_t bucket = pb[p], fine = COARSE_BINS + p * FINE_BINS;
-                for (int j = 0; j < m; j++)
-                    idx[j] = idx[j] == bucket ? fine + (keys[j] & (FINE_BINS - 1)) : idx[j];
+            if (np <= 2) {
+                for (int p = 0; p < np; p++) { /* a select, not a branch: the bucket may hold many keys */
+                    int32_t bucket = pb[p], fine = COARSE_BINS + p * FINE_BINS;
+                    for (int j = 0; j < m; j++)
+                        idx[j] = idx[j] == bucket ? fine + (keys[j] & (FINE_BINS - 1)) : idx[j];
+                }
+            } else { /* a range of buckets (continuous keys, few of them inside): one lookup */
+                for (int j = 0; j < m; j++) {
+                    uint32_t off = (uint32_t)(idx[j] - first);
+                    if (off < span && position[off] >= 0)
+                        idx[j] = COARSE_BINS + position[off] * FINE_BINS + (keys[j] & (FINE_BINS - 1));
+                }
             }
+            /* histogram index -> local slot: coarse bins in copy c, fine bins after the copies */
             int j = 0;
             for (; j + HIST_COPIES <= m; j += HIST_COPIES)
-                for (int c = 0; c < HIST_COPIES; c++) local[(size_t)c * bins + idx[j + c]]++;
-            for (; j < m; j++) local[idx[j]]++;
+                for (int c = 0; c < HIST_COPIES; c++) {
+                    int32_t q = idx[j + c];
+                    local[q + (q < COARSE_BINS ? c * COARSE_BINS : (HIST_COPIES - 1) * COARSE_BINS)]++;
+                }
+            for (; j < m; j++) {
+                int32_t q = idx[j];
+                local[q + (q < COARSE_BINS ? 0 : (HIST_COPIES - 1) * COARSE_BINS)]++;
+            }
             since_flush += m;
-            if (since_flush > (1 << 30) || at + m >= n) { /* add into the caller's int64 counts */
+            if (since_flush > (1 << 30) || at + m >= n) { /* into the caller's int64 counts */
                 int64_t *h = hists[i];
                 for (int c = 0; c < HIST_COPIES; c++) {
-                    uint32_t *l = local + (size_t)c * bins;
-                    for (size_t q = 0; q < bins; q++) { h[q] += l[q]; l[q] = 0; }
+                    uint32_t *l = local + (size_t)c * COARSE_BINS;
+                    for (size_t q = 0; q < COARSE_BINS; q++) { h[q] += l[q]; l[q] = 0; }
                 }
+                uint32_t *l = local + coarse_all;
+                size_t used = (size_t)FINE_BINS * (size_t)np;
+                for (size_t q = 0; q < used; q++)
+                    if (l[q]) { h[COARSE_BINS + q] += l[q]; l[q] = 0; } /* untouched pages stay unwritten */
                 since_flush = 0;
             }
         }
     }
-    free(local); free(buf); free(idx);
-    return 0;
+    rc = 0;
+done:
+    free(local); free(buf); free(idx); free(position);
+    return rc;
 }
 
 int dm_abi_version(void) { return 1; }
