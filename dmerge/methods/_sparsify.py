@@ -297,12 +297,16 @@ class RankSelect:
             out[i] = ((nz, coarse[nz]), nonzero[i], {x.row_start: fine})
         return out
 
+    def _native_applies(self, x: ChunkInputs) -> bool:
+        """Whether the fused kernel can count this chunk's keys."""
+        return (self.task_vector_magnitudes and not self.count_nonzero and self.pass_dtype(x) == torch.float32
+                and native.usable(*x.tensors))
+
     def _count_native(self, x: ChunkInputs, ids: list, predicted: dict, hists: dict) -> bool:
         """Count the chunk's keys into ``hists`` with the fused kernel (the same counts as
         the block loop of :meth:`_coarse_chunk`); False (nothing counted) where it does
         not apply."""
-        if (not ids or not self.task_vector_magnitudes or self.count_nonzero
-                or self.pass_dtype(x) != torch.float32 or not native.usable(*x.tensors)):
+        if not ids or not self._native_applies(x):
             return False
         native.magnitude_histograms(x.base, [x.tensors[i] for i in ids], [hists[i] for i in ids],
                                     [list(predicted.get(i, ())) for i in ids])
@@ -339,8 +343,8 @@ class RankSelect:
         a sample of about ``PREDICT_ELEMENTS`` keys (whole rows, evenly strided through the
         chunk): the buckets holding the sample's keys within a few standard errors of the
         target quantile, when there are at most ``PREDICT_BUCKETS`` of them, fewer on
-        small chunks (one for the heavily tied magnitudes of bf16 task vectors, a range
-        for continuous ones);
+        small chunks, one without the fused kernel (one for the heavily tied magnitudes
+        of bf16 task vectors, a range for continuous ones);
         otherwise no prediction. Only a guess: a wrong one costs the fine pass it would
         have saved. Selections whose window depends on the non-zero count
         are not predicted."""
@@ -353,8 +357,9 @@ class RankSelect:
         dtype = self.pass_dtype(x)
         picked = [t[::stride] if t.dim() >= 2 else t for t in x.tensors]
         sample = dataclasses.replace(x, tensors=[widen(t, dtype) for t in picked], compute_dtype=None)
-        # each finely counted bucket costs a fixed 32K bins per chunk: worth it on big chunks
-        limit = max(1, min(PREDICT_BUCKETS, x.tensors[0].numel() >> 19))
+        # each finely counted bucket costs a fixed 32K bins per chunk: worth it on big chunks,
+        # and only with the fused kernel (torch spends more on a range than on a fine pass)
+        limit = max(1, min(PREDICT_BUCKETS, x.tensors[0].numel() >> 19)) if self._native_applies(x) else 1
         predicted = {}
         for i, keys in self.keys(sample, ids).items():
             keys = keys.reshape(-1)
