@@ -64,12 +64,12 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
         return round_to(widen(x.base, dtype), out_dtype)
     factors = x.stats.get("rescale") or {}
     weights = [x.model_params[i]["weight"] for i in idx]
-    maskers = [sparsifier.masker(x, i) if sparsifier is not None else None for i in idx]
     normalize, lam = x.params["normalize"], x.params["lambda"]
     total = sum(weights)
     out = torch.empty(x.base.shape, dtype=out_dtype, device=x.base.device)
-    if _merge_native(x, idx, sparsifier, consensus, dtype, weights, factors, out):
+    if _merge_native(x, idx, sparsifier, consensus, dtype, weights, total, factors, out):
         return out
+    maskers = [sparsifier.masker(x, i) if sparsifier is not None else None for i in idx]
     flat_out = out.view(-1)
     at = 0
     with torch.no_grad():
@@ -101,7 +101,7 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
 
 
 def _merge_native(x: ChunkInputs, idx: list[int], sparsifier: Sparsifier | None, consensus: bool,
-                  dtype: torch.dtype, weights: list[float], factors: dict, out: torch.Tensor) -> bool:
+                  dtype: torch.dtype, weights: list[float], total: float, factors: dict, out: torch.Tensor) -> bool:
     """The same computation by the fused CPU kernel (:mod:`dmerge.native`), bit for bit;
     False (nothing done) where it does not apply: kernels unavailable, not float64
     compute, tensors off the CPU, or a mask only the torch path can make (DELLA)."""
@@ -136,7 +136,7 @@ def _merge_native(x: ChunkInputs, idx: list[int], sparsifier: Sparsifier | None,
             return False
         models.append(m)
     native.gta_merge(x.base, models, element_offset=x.element_offset, consensus=consensus,
-                     normalize=x.params["normalize"], total_weight=sum(weights), lam=x.params["lambda"], out=out)
+                     normalize=x.params["normalize"], total_weight=total, lam=x.params["lambda"], out=out)
     return True
 
 
