@@ -9,6 +9,7 @@ address, an existing cluster does.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import sys
@@ -73,13 +74,21 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
                 link = getattr(client, "dashboard_link", None)
                 if link and options.scheduler is None and importlib.util.find_spec("bokeh") is None:
                     link += " (needs bokeh: pip install 'dmerge[dashboard]')"
-                where = options.scheduler or "local in-process cluster"
+                where = options.scheduler or _describe_local(cluster, options.processes)
                 print(f"dask: {where}; dashboard: {link or 'unavailable'}", file=sys.stderr)
             yield client
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
+
+
+def _describe_local(cluster, processes: bool) -> str:
+    workers = list(cluster.workers.values())
+    threads = getattr(workers[0], "nthreads", None) if workers else None
+    each = f" x {threads} threads" if threads else ""
+    kind = "worker processes" if processes else "in-process workers (threads)"
+    return f"local cluster, {len(workers)} {kind}{each}"
 
 
 def _set_torch_threads(n_tasks_in_parallel: int) -> None:
@@ -89,26 +98,36 @@ def _set_torch_threads(n_tasks_in_parallel: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, n_tasks_in_parallel)))
 
 
+def run_id(plan: Plan, out_dir: str) -> str:
+    """The run's identity in graph keys: the plan's fingerprint and where it writes."""
+    return hashlib.sha256(f"{plan.fingerprint()} {os.path.abspath(out_dir)}".encode()).hexdigest()[:16]
+
+
 def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None, quiet: bool = False,
-             copy_tokenizer: bool = True, write_model_card: bool = True) -> RunResult:
-    """Execute the plan into ``out_dir``; on any failure, remove what was written."""
+             copy_tokenizer: bool = True, write_model_card: bool = True, overwrite: bool = False) -> RunResult:
+    """Execute the plan into ``out_dir``; on any failure, remove what was written.
+
+    A folder that already holds model weights is refused unless ``overwrite``; with it,
+    the earlier weights are removed only once the new ones are complete.
+    """
     from distributed import as_completed
     from tqdm import tqdm
 
     cluster = cluster or ClusterOptions()
-    output = LocalOutput(out_dir)
+    output = LocalOutput(out_dir, overwrite=overwrite)
     start = time.perf_counter()
     try:
         output.prepare(plan.shards)
         paths = [output.shard_path(s.name) for s in plan.shards]
-        dsk, keys = build_graph(plan, paths)
+        dsk, keys = build_graph(plan, paths, run_id(plan, out_dir))
         bytes_read = bytes_written = 0
         with dask_client(cluster, quiet=quiet) as client:
             threads = sum(client.nthreads().values())
             if not cluster.scheduler:
                 _set_torch_threads(threads)
             futures = client.get(dsk, keys, sync=False)
-            bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="merging",
+            # the bar counts tensor bytes, what the tasks report (headers are written up front)
+            bar = tqdm(total=sum(t.nbytes for t in plan.tensors), unit="B", unit_scale=True, desc="merging",
                        disable=quiet, file=sys.stderr, smoothing=0.1)
             try:
                 for fut in as_completed(futures):
@@ -126,12 +145,17 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
     except BaseException as e:
         output.abort()
-        if isinstance(e, (DMergeError, KeyboardInterrupt)):
+        if isinstance(e, (DMergeError, KeyboardInterrupt)) or not isinstance(e, Exception):
             raise
-        if isinstance(e, (OSError, RuntimeError, ValueError, TypeError)):
-            raise MergeExecutionError(f"merge failed: {type(e).__name__}: {e}") from e
-        raise
-    return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written, len(keys))
+        raise MergeExecutionError(f"merge failed: {one_line(e)}") from e
+    header_bytes = sum(len(s.header) for s in plan.shards)
+    return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written + header_bytes, len(dsk))
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def finish_output(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool, write_model_card: bool) -> None:
@@ -151,7 +175,7 @@ def finish_output(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool, writ
         "metadata": {"total_size": sum(t.nbytes for t in plan.tensors), "merged_by": "dmerge"},
         "weight_map": {t.name: plan.shards[t.shard].name for t in plan.tensors},
     }
-    output.write_json("model.safetensors.index.json", index)  # last: marks the folder complete
+    output.write_index(index)  # last: marks the folder complete
 
 
 def write_tokenizer(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool) -> None:

@@ -1,33 +1,95 @@
 """Turn a Plan into a Dask graph: a plain dict you can print before it runs.
 
-Keys:
+Every key starts with a name carrying the run id (:meth:`dmerge.plan.Plan.fingerprint`
+of the plan and its output place), so two merges on one scheduler never share a key,
+and a resumed run of the same plan has the same keys. With ``r`` the run id:
 
-* ``("write", t, c)``: merge chunk ``c`` of tensor ``t`` and write it; value (bytes read,
-  bytes written). These are the graph's outputs.
-* ``("stat", t, s, c)`` / ``("stats", t, s)``: for methods with tensor-wide statistics
-  split over several chunks, the partial of statistic ``s`` over chunk ``c`` and its
-  reduction; the write tasks of tensor ``t`` depend on the last reduction. A tensor that
-  is a single chunk computes its statistics inside its write task instead (one read).
-* ``("vpad", t, b)`` / ``("vpads", t)``: for a re-indexed vocabulary tensor with padding
-  rows (``pad_to_multiple_of``), per-source row sums over fixed block ``b`` and the
-  padding means they give; statistics and writes of tensor ``t`` depend on them.
+* ``("dmerge-write-r", t, c)``: merge chunk ``c`` of tensor ``t`` and write it; value
+  (bytes read, bytes written). These are the graph's outputs.
+* ``("dmerge-stat-r", t, s, c)`` / ``("dmerge-stats-r", t, s)``: for methods with
+  tensor-wide statistics split over several chunks, the partial of statistic ``s`` over
+  chunk ``c`` and its reduction; the write tasks of tensor ``t`` depend on the last
+  reduction. A tensor that is a single chunk computes its statistics inside its write
+  task instead (one read).
+* ``("dmerge-vpad-r", t, b)`` / ``("dmerge-vpads-r", t)``: for a re-indexed vocabulary
+  tensor with padding rows (``pad_to_multiple_of``), per-source row sums over fixed block
+  ``b`` and the padding means they give; statistics and writes of tensor ``t`` depend
+  on them.
+
+Which of these tasks a tensor has is decided in one place, :func:`tensor_tasks`; the
+plan's task count and byte estimate come from it too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from dmerge.methods import get_method
-from dmerge.plan import Plan
 from dmerge.tasks import (ChunkJob, compute_statistic, context_of, finalize_statistic, merge_chunk,
                           vocab_pad_finalize, vocab_pad_partial)
 
 
-def build_graph(plan: Plan, shard_paths: list[str]) -> tuple[dict, list[tuple]]:
+@dataclass(frozen=True)
+class TensorTasks:
+    """The tasks one planned tensor becomes."""
+
+    n_chunks: int  # one write task each
+    pad_blocks: tuple[tuple[int, int], ...]  # padding-mean blocks (one task each, plus their reduction)
+    statistics: tuple[int, ...]  # statistics run as tasks over the chunks (each: a task per chunk + a reduction)
+    statistics_read: tuple[bool | None, ...]  # per statistic: reads every chunk (True) or only some (None)
+
+    @property
+    def count(self) -> int:
+        pads = len(self.pad_blocks) + 1 if self.pad_blocks else 0
+        return self.n_chunks + pads + len(self.statistics) * (self.n_chunks + 1)
+
+
+def tensor_tasks(tp) -> TensorTasks:
+    """Which tasks a planned tensor becomes (see the module docstring)."""
+    rm = tp.row_map
+    several = tp.n_chunks > 1 and not tp.copy_bytes
+    pads = tuple(rm.pad_blocks()) if rm is not None and rm.has_padding and several else ()
+    stats: tuple[int, ...] = ()
+    reads: tuple[bool | None, ...] = ()
+    method = get_method(tp.method)
+    if method.statistics and several:
+        needed = method.statistics_for(context_of(tp))
+        stats = tuple(si for si, _ in needed)
+        reads = tuple(True if s.reads is None else None for _, s in needed)
+    return TensorTasks(tp.n_chunks, pads, stats, reads)
+
+
+def count_tasks(plan) -> int:
+    """The number of graph keys :func:`build_graph` makes for ``plan``."""
+    return sum(tensor_tasks(tp).count for tp in plan.tensors)
+
+
+def estimate_reads(plan) -> tuple[int, int]:
+    """Parent bytes the run will read: (certainly, at most). Every task reads its chunk's
+    rows of every source; a statistic that reads only where earlier ones leave the
+    answer open (radix select's second look) makes the two differ."""
+    certain = at_most = 0
+    for tp in plan.tensors:
+        tasks = tensor_tasks(tp)
+        passes = 1 + (1 if tasks.pad_blocks else 0)
+        certain += tp.bytes_read * (passes + sum(1 for r in tasks.statistics_read if r))
+        at_most += tp.bytes_read * (passes + len(tasks.statistics_read))
+    return certain, at_most
+
+
+def key_names(run_id: str) -> dict[str, str]:
+    """The key name of each kind of task, for one run."""
+    return {kind: f"dmerge-{kind}-{run_id}" for kind in ("write", "stat", "stats", "vpad", "vpads")}
+
+
+def build_graph(plan, shard_paths: list[str], run_id: str) -> tuple[dict, list[tuple]]:
     """Return the graph and its output keys (one per chunk write)."""
+    names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []
     for ti, tp in enumerate(plan.tensors):
+        tasks = tensor_tasks(tp)
         path = shard_paths[tp.shard]
         rm = tp.row_map
         # Tasks carry the tensor without its (vocabulary-sized) row map, and only the
@@ -40,29 +102,27 @@ def build_graph(plan: Plan, shard_paths: list[str]) -> tuple[dict, list[tuple]]:
                                  device=plan.device, seed=plan.seed, allow_nan=plan.allow_nan,
                                  row_map=rm.window(r0, r1) if rm is not None else None))
         pad_key = None
-        if rm is not None and rm.has_padding and len(jobs) > 1 and not tp.copy_bytes:
+        if tasks.pad_blocks:
             block_keys = []
-            for b, (a, z) in enumerate(rm.pad_blocks()):
-                key = ("vpad", ti, b)
+            for b, (a, z) in enumerate(tasks.pad_blocks):
+                key = (names["vpad"], ti, b)
                 dsk[key] = (vocab_pad_partial, light, rm.window(a, z))
                 block_keys.append(key)
-            pad_key = ("vpads", ti)
+            pad_key = (names["vpads"], ti)
             dsk[pad_key] = (vocab_pad_finalize, rm.n_tokens, block_keys)
         stats_key = None
-        method = get_method(tp.method)
-        needed = method.statistics_for(context_of(tp)) if method.statistics else []
-        if needed and len(jobs) > 1 and not tp.copy_bytes:
-            for si, _ in needed:
-                partial_keys = []
-                for c, job in enumerate(jobs):
-                    key = ("stat", ti, si, c)
-                    dsk[key] = (compute_statistic, job, si, stats_key, pad_key)
-                    partial_keys.append(key)
-                reduced = ("stats", ti, si)
-                dsk[reduced] = (finalize_statistic, light, si, stats_key, partial_keys)
-                stats_key = reduced
+        for si in tasks.statistics:
+            partial_keys = []
+            for c, job in enumerate(jobs):
+                key = (names["stat"], ti, si, c)
+                dsk[key] = (compute_statistic, job, si, stats_key, pad_key)
+                partial_keys.append(key)
+            reduced = (names["stats"], ti, si)
+            dsk[reduced] = (finalize_statistic, light, si, stats_key, partial_keys)
+            stats_key = reduced
         for c, job in enumerate(jobs):
-            key = ("write", ti, c)
-            dsk[key] = (merge_chunk, job, stats_key, pad_key)
+            key = (names["write"], ti, c)
+            # the first chunk's write reports the bytes the tensor's reductions read
+            dsk[key] = (merge_chunk, job, stats_key, pad_key, c == 0)
             outputs.append(key)
     return dsk, outputs

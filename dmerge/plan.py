@@ -21,6 +21,7 @@ what a frankenmerge mixing merged and stacked slices means.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -155,22 +156,49 @@ class Plan:
 
     @property
     def n_tasks(self) -> int:
-        from dmerge.tasks import context_of
+        """Graph keys of the run (the same code as :func:`dmerge.graph.build_graph` decides them)."""
+        from dmerge.graph import count_tasks
 
-        def n_stats(t: TensorPlan) -> int:
-            method = get_method(t.method)
-            return len(method.statistics_for(context_of(t))) if method.statistics and not t.copy_bytes else 0
+        return count_tasks(self)
 
-        n = 0
-        for t in self.tensors:
-            n += t.n_chunks * (1 + n_stats(t)) if t.n_chunks > 1 else 1
-            if t.row_map is not None and t.row_map.has_padding and t.n_chunks > 1:
-                n += len(t.row_map.pad_blocks()) + 1
-        return n
+    @property
+    def parent_bytes(self) -> int:
+        """Bytes of the parent tensors the output is made from (each counted once)."""
+        return sum(t.bytes_read for t in self.tensors)
+
+    @property
+    def reads(self) -> tuple[int, int]:
+        """Parent bytes the run will fetch: (certainly, at most); passes over the data that
+        statistics need count again (see :func:`dmerge.graph.estimate_reads`)."""
+        from dmerge.graph import estimate_reads
+
+        return estimate_reads(self)
 
     @property
     def bytes_read(self) -> int:
-        return sum(t.bytes_read for t in self.tensors)
+        """Parent bytes the run will certainly fetch (see :attr:`reads`)."""
+        return self.reads[0]
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the output's bytes and their places:
+        the run id in graph keys (two merges on one scheduler never share a key; a
+        resumed run of the same plan recognises its own)."""
+        h = hashlib.sha256()
+        h.update(repr((self.method, self.compute_dtype, self.seed, self.allow_nan)).encode())
+        for t in self.tensors:
+            srcs = [(s.model, s.file, s.entry.dtype, s.entry.shape, s.entry.begin, s.entry.end) for s in t.sources]
+            h.update(repr((t.name, t.shape, t.dtype, t.method, t.base_index, sorted(t.params.items()),
+                           [sorted(p.items()) for p in t.model_params], t.rows_per_chunk, t.copy_bytes,
+                           t.shard, t.offset, srcs)).encode())
+            if t.row_map is not None:
+                rm = t.row_map
+                for part in rm.own + [rm.copy_from]:
+                    h.update(part.numpy().tobytes())
+                h.update(repr((rm.rows, rm.n_tokens, sorted(rm.means.items()), rm.block_rows)).encode())
+        for shard in self.shards:
+            h.update(shard.name.encode())
+            h.update(shard.header)
+        return h.hexdigest()[:16]
 
     @property
     def bytes_written(self) -> int:
@@ -197,6 +225,16 @@ class Plan:
                 run.append(lo)
         return out
 
+    def _describe_reads(self) -> str:
+        certain, at_most = self.reads
+        parents = self.parent_bytes
+        text = f"{format_bytes(certain)} ({certain} B)"
+        if certain != parents:
+            text += f", {certain / parents:.2f}x the {format_bytes(parents)} of parent tensors" if parents else ""
+        if at_most > certain:
+            text += f"; up to {format_bytes(at_most)} where a statistic needs a second look"
+        return text
+
     def summary(self) -> str:
         """What `dmerge plan` prints: counts, bytes and memory, and the output shards."""
         lines = [
@@ -211,7 +249,7 @@ class Plan:
         lines += [
             f"output tensors:    {len(self.tensors)}",
             f"tasks:             {self.n_tasks} (chunk budget {format_bytes(self.chunk_bytes)}, compute {self.compute_dtype})",
-            f"bytes to read:     {format_bytes(self.bytes_read)} ({self.bytes_read} B)",
+            f"bytes to read:     {self._describe_reads()}",
             f"bytes to write:    {format_bytes(self.bytes_written)} ({self.bytes_written} B)",
             f"peak memory/task:  {format_bytes(self.peak_task_bytes)}",
             f"output shards:     {len(self.shards)}",

@@ -132,53 +132,96 @@ def _whole_tensor_pad_means(job: ChunkJob) -> list:
     return vocab.pad_means_of(job.tensor.sources, rm, tuple(job.tensor.shape[1:]))
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """The result of a tensor-wide reduction (statistics, padding means) as tasks pass it
+    on: its ``value``, and the parent bytes its passes read (reported once per tensor, by
+    the write of its first chunk, so the run's total counts every byte fetched)."""
+
+    value: Any
+    bytes_read: int = 0
+
+
 @_inference
-def vocab_pad_partial(tensor, window) -> list:
-    """Per-source sums of one fixed block of a re-indexed vocabulary tensor's rows."""
+def vocab_pad_partial(tensor, window) -> tuple[list, int]:
+    """Per-source sums of one fixed block of a re-indexed vocabulary tensor's rows, and
+    the bytes read for them."""
     return vocab.pad_partial(tensor.sources, window, tuple(tensor.shape[1:]))
 
 
 @_inference
-def vocab_pad_finalize(n_tokens: int, partials: list) -> list:
-    return vocab.pad_finalize(n_tokens, partials)
+def vocab_pad_finalize(n_tokens: int, partials: list) -> Reduction:
+    return Reduction(vocab.pad_finalize(n_tokens, [p for p, _ in partials]), sum(n for _, n in partials))
 
 
-@_inference
-def compute_statistic(job: ChunkJob, stat_index: int, prior: dict | None, pad_means: list | None = None) -> Any:
-    """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``)."""
-    method = get_method(job.tensor.method)
-    inputs, _ = load_inputs(job, pad_means, raw=method.raw_inputs)
-    inputs.stats = dict(prior or {})
-    return method.statistics[stat_index].chunk(inputs)
+def _value(reduction: Reduction | None) -> Any:
+    return None if reduction is None else reduction.value
 
 
-def context_of(tensor, stats: dict | None = None) -> ChunkInputs:
-    """A tensor's resolved parameters as a ChunkInputs without data (for finalize/when)."""
-    return ChunkInputs(
-        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
-        model_params=tensor.model_params, full_shape=tensor.shape, row_stop=tensor.rows,
-        stats=dict(stats or {}),
-    )
+def _statistic_partial(stat, inputs: ChunkInputs, prior: dict) -> Any:
+    inputs.stats = dict(prior)
+    return stat.chunk(inputs)
 
 
-@_inference
-def finalize_statistic(tensor, stat_index: int, prior: dict | None, partials: list) -> dict:
-    """Combine the chunk partials of one statistic; returns all statistics so far."""
-    method = get_method(tensor.method)
-    stat = method.statistics[stat_index]
-    context = context_of(tensor, prior)
-    out = dict(prior or {})
+def _statistic_final(stat, partials: list, context: ChunkInputs, prior: dict) -> dict:
+    """Earlier statistics plus this one, combined from its partials."""
+    context.stats = dict(prior)
+    out = dict(prior)
     out[stat.name] = stat.final(stat.combine_all(partials), context)
     return out
 
 
 @_inference
-def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None = None) -> tuple[int, int]:
-    """Merge one chunk and write it to its place. Returns (bytes read, bytes written).
+def compute_statistic(job: ChunkJob, stat_index: int, prior: Reduction | None,
+                      pad: Reduction | None = None) -> tuple[Any, int]:
+    """Partial of statistic ``stat_index`` over one chunk (earlier statistics in ``prior``),
+    and the parent bytes read for it: none where the statistic says this chunk's data is
+    not needed (see :attr:`Statistic.reads`)."""
+    method = get_method(job.tensor.method)
+    stat = method.statistics[stat_index]
+    earlier = _value(prior) or {}
+    context = context_of(job.tensor, earlier, job.row_start, job.row_stop)
+    if not stat.reads_data(context):
+        return stat.chunk(context), 0
+    inputs, nread = load_inputs(job, _value(pad), raw=method.raw_inputs)
+    return _statistic_partial(stat, inputs, earlier), nread
+
+
+def context_of(tensor, stats: dict | None = None, row_start: int = 0, row_stop: int | None = None) -> ChunkInputs:
+    """A tensor's resolved parameters as a ChunkInputs without data (for finalize, when,
+    reads), for rows ``[row_start, row_stop)`` (default: the whole tensor)."""
+    return ChunkInputs(
+        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
+        model_params=tensor.model_params, full_shape=tensor.shape, row_start=row_start,
+        row_stop=tensor.rows if row_stop is None else row_stop, stats=dict(stats or {}),
+    )
+
+
+@_inference
+def finalize_statistic(tensor, stat_index: int, prior: Reduction | None, partials: list) -> Reduction:
+    """Combine the chunk partials of one statistic; returns all statistics so far."""
+    stat = get_method(tensor.method).statistics[stat_index]
+    earlier = _value(prior) or {}
+    values = _statistic_final(stat, [p for p, _ in partials], context_of(tensor), earlier)
+    return Reduction(values, (prior.bytes_read if prior else 0) + sum(n for _, n in partials))
+
+
+@_inference
+def merge_chunk(job: ChunkJob, stats: Reduction | None = None, pad: Reduction | None = None,
+                report_reductions: bool = False) -> tuple[int, int]:
+    """Merge one chunk and write it to its place. Returns (bytes read, bytes written);
+    with ``report_reductions`` the bytes read also count those the tensor's statistics
+    and padding means read.
 
     With ``stats`` None for a method that needs statistics, the chunk must be the whole
     tensor: the statistics are computed here from the same data (no second read).
     """
+    extra = sum(r.bytes_read for r in (stats, pad) if r is not None) if report_reductions else 0
+    nread, nwritten = _merge_chunk(job, _value(stats), _value(pad))
+    return nread + extra, nwritten
+
+
+def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> tuple[int, int]:
     tp = job.tensor
     out_offset = tp.offset + job.row_start * tp.row_bytes
     if tp.copy_bytes and job.row_map is not None:
@@ -204,13 +247,14 @@ def merge_chunk(job: ChunkJob, stats: dict | None = None, pad_means: list | None
                               out_offset)
     needed = method.statistics_for(inputs) if method.statistics else []
     if stats is None and needed:
+        # A one-chunk tensor: its statistics from the data already read, by the same
+        # partial -> final steps the graph's statistic tasks take.
         if (job.row_start, job.row_stop) != (0, tp.rows):
             raise RuntimeError(f"{tp.name}: statistics missing for a partial chunk")
         stats = {}
         for _, stat in needed:
-            inputs.stats = dict(stats)
-            partial = stat.chunk(inputs)
-            stats[stat.name] = stat.final(stat.combine_all([partial]), inputs)
+            partial = _statistic_partial(stat, inputs, stats)
+            stats = _statistic_final(stat, [partial], context_of(tp), stats)
     inputs.stats = dict(stats or {})
     result = method.fn(inputs)
     return nread, _finish(job, round_to(result, DTYPES[tp.dtype]), out_offset)
@@ -261,5 +305,5 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-__all__ = ["ChunkJob", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
+__all__ = ["ChunkJob", "Reduction", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
            "vocab_pad_finalize", "context_of", "read_rows"]

@@ -310,13 +310,14 @@ def gather_bytes(sources, rm: RowMap, row_bytes: int) -> tuple[torch.Tensor, int
     return out, g.nread
 
 
-def pad_partial(sources, rm: RowMap, rest: tuple[int, ...]) -> list[torch.Tensor]:
-    """Per source, the float64 sum of the assembled rows of one padding block.
+def pad_partial(sources, rm: RowMap, rest: tuple[int, ...]) -> tuple[list[torch.Tensor], int]:
+    """Per source, the float64 sum of the assembled rows of one padding block, and the
+    bytes read for them.
 
     Rows are summed in order (``cumsum``), so the result does not depend on threads.
     """
-    parts, _ = assemble(sources, rm, rest, torch.float64, "cpu", None)
-    return [p.cumsum(0)[-1] if p.shape[0] else torch.zeros(rest, dtype=torch.float64) for p in parts]
+    parts, nread = assemble(sources, rm, rest, torch.float64, "cpu", None)
+    return [p.cumsum(0)[-1] if p.shape[0] else torch.zeros(rest, dtype=torch.float64) for p in parts], nread
 
 
 def pad_finalize(n_tokens: int, partials: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -330,7 +331,7 @@ def pad_finalize(n_tokens: int, partials: list[list[torch.Tensor]]) -> list[torc
 
 def pad_means_of(sources, rm_full: RowMap, rest: tuple[int, ...]) -> list[torch.Tensor]:
     """All padding means in one call (same blocks and order as the distributed path)."""
-    return pad_finalize(rm_full.n_tokens, [pad_partial(sources, rm_full.window(a, b), rest)
+    return pad_finalize(rm_full.n_tokens, [pad_partial(sources, rm_full.window(a, b), rest)[0]
                                            for a, b in rm_full.pad_blocks()])
 
 

@@ -436,7 +436,7 @@ def _merge_in_process(recipe: str, out_dir: str, chunk_bytes: int) -> None:
     plan = build_plan(load_recipe(recipe), chunk_bytes=chunk_bytes, shard_bytes=100_000)
     output = LocalOutput(out_dir)
     output.prepare(plan.shards)
-    dsk, keys = build_graph(plan, [output.shard_path(s.name) for s in plan.shards])
+    dsk, keys = build_graph(plan, [output.shard_path(s.name) for s in plan.shards], plan.fingerprint())
     dask.get(dsk, keys)
     output.commit_shards(plan.shards)
     assert min(t.n_chunks for t in plan.tensors if len(t.shape) > 1) >= 2

@@ -17,6 +17,8 @@ import shutil
 
 from dmerge.errors import DMergeError
 from dmerge.io import storage
+from dmerge.io.model_source import TOKENIZER_FILES
+from dmerge.units import format_bytes
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -79,34 +81,79 @@ def _reserve(fd: int, size: int) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise DMergeError(f"not enough disk space for the output ({size} bytes for one shard)") from None
+        if e.errno == errno.ENOSPC:  # the space checked up front was taken meanwhile
+            raise DMergeError(f"the disk filled up while reserving the output ({format_bytes(size)} for one shard)") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise
 
 
-class LocalOutput:
-    """A local (or shared-filesystem) output folder."""
+# Files a merge writes besides its shards: with --overwrite, those an earlier merge left
+# and this one does not write again are removed before the index marks the folder whole,
+# so the folder never mixes two merges (e.g. an old tokenizer.model beside a new
+# tokenizer.json).
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+MERGE_FILES = ("config.json", "mergekit_config.yml", "README.md") + TOKENIZER_FILES
 
-    def __init__(self, folder: str):
+
+def is_weight_file(name: str) -> bool:
+    """Model weights a loader would pick up: safetensors shards, PyTorch bins, their indexes."""
+    return (name.endswith(".safetensors") or name in INDEX_NAMES
+            or (name.startswith("pytorch_model") and name.endswith(".bin")))
+
+
+def disk_free(folder: str) -> int:
+    """Free bytes on the filesystem that holds (or will hold) ``folder``."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+class LocalOutput:
+    """A local (or shared-filesystem) output folder.
+
+    ``overwrite``: the folder may already hold a model; its weights are replaced only at
+    :meth:`commit_shards`, once every new shard is complete, so a failed merge leaves the
+    earlier model as it was. Without it, a folder holding weights is refused.
+    """
+
+    def __init__(self, folder: str, overwrite: bool = False):
         if storage.is_url(folder):
-            raise NotImplementedError("output to object storage is not supported yet; use a local or shared path")
+            raise DMergeError("output to object storage is not supported yet; use a local or shared path")
         self.folder = os.path.abspath(folder)
+        self.overwrite = overwrite
         self._created_folder = False
         self._files: list[str] = []
+        self._earlier: list[str] = []  # files of an earlier merge, replaced at commit
 
     def shard_path(self, name: str) -> str:
         return os.path.join(self.folder, name + PARTIAL_SUFFIX)
 
     def prepare(self, shards) -> None:
-        """Create the folder and every shard at full size with its header in place."""
+        """Check the folder and the free space, then create every shard at full size with
+        its header in place (as ``<name>.partial``)."""
+        existing = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
+        weights = [n for n in existing if is_weight_file(n)]
+        if weights and not self.overwrite:
+            shown = ", ".join(weights[:3]) + (f" and {len(weights) - 3} more" if len(weights) > 3 else "")
+            raise DMergeError(
+                f"{self.folder} already holds model weights ({shown}); pass --overwrite to replace them "
+                "(mergekit overwrites an output folder silently; dmerge keeps the earlier model until the "
+                "new merge is complete)"
+            )
+        self._earlier = [n for n in existing if is_weight_file(n) or n in MERGE_FILES]
+        total = sum(shard.size for shard in shards)
+        free = disk_free(self.folder)
+        leftovers = sum(os.path.getsize(self.shard_path(s.name)) for s in shards
+                        if os.path.isfile(self.shard_path(s.name)))  # an interrupted run's, replaced
+        if total > free + leftovers:
+            raise DMergeError(
+                f"not enough disk space for the output in {self.folder}: it needs {format_bytes(total)} "
+                f"({total} B), {format_bytes(free + leftovers)} are free"
+            )
         if not os.path.isdir(self.folder):
             os.makedirs(self.folder)
             self._created_folder = True
-        # A stale index from an earlier merge would make a half-written folder look whole.
-        stale = os.path.join(self.folder, "model.safetensors.index.json")
-        if os.path.exists(stale):
-            os.remove(stale)
         for shard in shards:
             path = self.shard_path(shard.name)
             self._files.append(path)
@@ -116,16 +163,19 @@ class LocalOutput:
                 _reserve(f.fileno(), shard.size)
 
     def commit_shards(self, shards) -> None:
+        """Give the finished shards their names. An earlier merge's index goes first (the
+        folder no longer looks complete), then its weights."""
+        names = {shard.name for shard in shards}
+        for name in sorted(self._earlier, key=lambda n: n not in INDEX_NAMES):
+            if is_weight_file(name) and name not in names:
+                _remove(os.path.join(self.folder, name))
         for shard in shards:
             os.replace(self.shard_path(shard.name), os.path.join(self.folder, shard.name))
             self._files.remove(self.shard_path(shard.name))
             self._files.append(os.path.join(self.folder, shard.name))
 
     def write_text(self, name: str, text: str) -> None:
-        path = os.path.join(self.folder, name)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        self._files.append(path)
+        self.write_bytes(name, text.encode("utf-8"))
 
     def write_json(self, name: str, doc: dict) -> None:
         self.write_text(name, json.dumps(doc, indent=2, sort_keys=False) + "\n")
@@ -136,13 +186,26 @@ class LocalOutput:
             f.write(data)
         self._files.append(path)
 
+    def write_index(self, doc: dict, name: str = "model.safetensors.index.json") -> None:
+        """Write the index, last: it marks the folder complete. Files of an earlier merge
+        that this one did not write again are removed first."""
+        written = {os.path.basename(p) for p in self._files}
+        for old in self._earlier:
+            if old not in written and old != name:
+                _remove(os.path.join(self.folder, old))
+        self.write_json(name, doc)
+
     def abort(self) -> None:
         """Remove everything this run wrote (and the folder, if this run created it)."""
         for path in self._files:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
+            _remove(path)
         self._files.clear()
         if self._created_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -416,18 +416,29 @@ class RankSelect:
 
     # -- stage 2 --------------------------------------------------------------------------
 
-    def _fine_chunk(self, x: ChunkInputs) -> dict:
+    def _fine_plan(self, x: ChunkInputs) -> tuple[dict, dict]:
+        """For one chunk: the fine histograms its coarse pass already counted
+        (``{(id, bucket): counts}``) and the buckets it must still count (``{id: {bucket}}``,
+        where the sample's prediction missed). Needs only ``x.stats`` and ``x.row_start``."""
         coarse = x.stats.get(self.coarse_name) or {}
-        out = {}
-        bins = {}
+        known = {}
+        missed = {}
         for i, r in coarse.items():
             if not isinstance(r, dict):
                 continue
             for t in r["targets"]:
                 if x.row_start in t["known"]:
-                    out[(i, t["bin"])] = t["known"][x.row_start]
-                elif (i, t["bin"]) not in out:
-                    bins.setdefault(i, set()).add(t["bin"])
+                    known[(i, t["bin"])] = t["known"][x.row_start]
+                elif (i, t["bin"]) not in known:
+                    missed.setdefault(i, set()).add(t["bin"])
+        return known, missed
+
+    def _fine_reads(self, ctx: ChunkInputs) -> bool:
+        """Whether a chunk's fine pass needs its data (a prediction missed there)."""
+        return bool(self._fine_plan(ctx)[1])
+
+    def _fine_chunk(self, x: ChunkInputs) -> dict:
+        out, bins = self._fine_plan(x)
         hists = {(i, b): torch.zeros(FINE_BINS + 2, dtype=torch.int64) for i, bs in bins.items() for b in bs}
         # a prediction missed: count the bucket's low bits in a second pass
         if bins and not self._fine_native(x, bins, hists):
@@ -498,7 +509,8 @@ class RankSelect:
 
         return [
             Statistic(self.coarse_name, self._coarse_chunk, self._coarse_combine, self._coarse_finalize, needed),
-            Statistic(self.fine_name, self._fine_chunk, self._fine_combine, self._fine_finalize, needed),
+            Statistic(self.fine_name, self._fine_chunk, self._fine_combine, self._fine_finalize, needed,
+                      reads=self._fine_reads),
         ]
 
     # -- applying -------------------------------------------------------------------------

@@ -162,6 +162,11 @@ class Statistic:
     ``when`` (optional) decides from a tensor's resolved parameters (a ChunkInputs
     without tensors) whether the statistic is needed at all; a statistic that is not
     needed costs no pass over the data and is absent from ``x.stats``.
+
+    ``reads`` (optional) decides, for one chunk, from a ChunkInputs without tensors but
+    with the chunk's rows and the earlier statistics in ``stats``, whether ``chunk``
+    needs the chunk's data; when it says no, ``chunk`` is called with no tensors and no
+    parent byte is fetched (a second pass that earlier statistics already settled).
     """
 
     name: str
@@ -169,6 +174,11 @@ class Statistic:
     combine: Callable[[list[Any]], Any] = None  # type: ignore[assignment]
     finalize: Callable[[Any, ChunkInputs], Any] = None  # type: ignore[assignment]
     when: Callable[[ChunkInputs], bool] | None = None
+    reads: Callable[[ChunkInputs], bool] | None = None
+
+    def reads_data(self, context: ChunkInputs) -> bool:
+        """Whether ``chunk`` needs the data of the chunk ``context`` describes."""
+        return self.reads is None or bool(self.reads(context))
 
     def applies(self, context: ChunkInputs) -> bool:
         return self.when is None or bool(self.when(context))
