@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
+import traceback
 import warnings
 
 import click
@@ -53,6 +56,9 @@ def _merge_options(fn):
         click.option("--memory-limit", default="auto", show_default=True, help="Memory limit per local worker, e.g. 2GB."),
         click.option("--processes", is_flag=True, help="Run local workers as separate processes instead of threads."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or cluster messages."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace the model in an OUT_DIR that already holds one (once the new merge is complete)."),
+        click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1)."),
         click.option("--lazy-unpickle", is_flag=True, hidden=True, help="Accepted for mergekit compatibility."),
         click.option("--trust-remote-code", is_flag=True, hidden=True, help="Accepted for mergekit compatibility."),
     ]
@@ -61,17 +67,53 @@ def _merge_options(fn):
     return fn
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, SLURM, Kubernetes, systemd): handled like Ctrl-C, so a merge
+    stops promptly and removes what it wrote."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _debugging(debug: bool = False) -> bool:
+    return debug or os.environ.get("DMERGE_DEBUG", "") not in ("", "0")
+
+
 def _friendly_errors(fn):
+    """Every failure is one line on stderr and exit status 1 (the traceback with --debug
+    or DMERGE_DEBUG=1); Ctrl-C and SIGTERM exit 130 and 143."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        debug = _debugging(kwargs.pop("debug", False))
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
-        except DMergeError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+        except Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            if isinstance(e, DMergeError):
+                message = str(e).strip().replace("\n", " ")
+                if e.__cause__ is not None and not isinstance(e.__cause__, DMergeError) and not debug:
+                    message += " (run with --debug or DMERGE_DEBUG=1 for the traceback)"
+            else:
+                from dmerge.execute import one_line
+
+                message = f"{one_line(e)} (run with --debug or DMERGE_DEBUG=1 for the traceback)"
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -110,9 +152,9 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
         processes=o["processes"],
     )
     result = run_plan(plan, out_dir, cluster=cluster, quiet=o["quiet"], copy_tokenizer=o["copy_tokenizer"],
-                      write_model_card=o["write_model_card"])
+                      write_model_card=o["write_model_card"], overwrite=o["overwrite"])
     if not o["quiet"]:
-        click.echo(describe_result(result), err=True)
+        click.echo(describe_result(result))  # stdout, for scripts; progress and logs stay on stderr
 
 
 @click.group()
@@ -148,6 +190,7 @@ def mergekit_yaml(config_file: str, out_path: str, **options) -> None:
 @click.option("--compute-dtype", type=click.Choice(["float64", "float32"]), default="float64")
 @click.option("--tensors", "show_tensors", is_flag=True, help="Also list every output tensor and its chunks.")
 @click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures.")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1).")
 @_friendly_errors
 def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: str, show_tensors: bool,
              allow_crimes: bool) -> None:

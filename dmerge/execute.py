@@ -86,9 +86,10 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
 def _describe_local(cluster, processes: bool) -> str:
     workers = list(cluster.workers.values())
     threads = getattr(workers[0], "nthreads", None) if workers else None
-    each = f" x {threads} threads" if threads else ""
-    kind = "worker processes" if processes else "in-process workers (threads)"
-    return f"local cluster, {len(workers)} {kind}{each}"
+    n = len(workers)
+    what = (f"{n} worker process{'es' if n != 1 else ''}" if processes
+            else f"in-process, {n} worker{'s' if n != 1 else ''}")
+    return f"local cluster ({what}" + (f" x {threads} thread{'s' if threads != 1 else ''})" if threads else ")")
 
 
 def _set_torch_threads(n_tasks_in_parallel: int) -> None:

@@ -150,7 +150,7 @@ def test_failure_keeps_users_existing_folder_but_not_our_files(tmp_path, good):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    (out / "model.safetensors.index.json").write_text("{}")  # stale, from an earlier merge
+    (out / "model.safetensors.index.json").write_text("{}")  # from an earlier merge
     recipe = write_recipe(tmp_path / "r.yml", f"""
 merge_method: linear
 models:
@@ -159,6 +159,55 @@ models:
   - model: {other}
     parameters: {{weight: 0.5}}
 """)
-    result = CliRunner().invoke(main, ["run", recipe, str(out), "--quiet"])
-    assert result.exit_code == 1
-    assert sorted(os.listdir(out)) == ["notes.txt"]
+    result = CliRunner().invoke(main, ["run", recipe, str(out), "--quiet", "--overwrite"])
+    assert result.exit_code == 1 and "NaN" in result.stderr
+    # the user's file and the earlier merge stay as they were; nothing of this run is left
+    assert sorted(os.listdir(out)) == ["model.safetensors.index.json", "notes.txt"]
+    assert (out / "model.safetensors.index.json").read_text() == "{}"
+
+
+def _index_of(folder: str) -> tuple[str, dict]:
+    path = os.path.join(folder, "model.safetensors.index.json")
+    return path, json.load(open(path))
+
+
+def test_tensor_in_a_shard_but_not_in_the_index(tmp_path, good):
+    bad = _bad_copy(tmp_path, good)
+    path, idx = _index_of(bad)
+    idx["weight_map"].pop("model.layers.1.mlp.up_proj.weight")
+    json.dump(idx, open(path, "w"))
+    _assert_clean_failure(*_merge(tmp_path, bad), "model.layers.1.mlp.up_proj.weight", "not in model.safetensors.index.json")
+
+
+def test_index_puts_a_tensor_in_another_shard(tmp_path, good):
+    bad = _bad_copy(tmp_path, good)
+    path, idx = _index_of(bad)
+    wm = idx["weight_map"]
+    here = wm["model.layers.1.mlp.up_proj.weight"]
+    elsewhere = next(f for f in wm.values() if f != here)
+    wm["model.layers.1.mlp.up_proj.weight"] = elsewhere
+    json.dump(idx, open(path, "w"))
+    _assert_clean_failure(*_merge(tmp_path, bad), "model.layers.1.mlp.up_proj.weight", here, elsewhere)
+
+
+class EndpointConnectionError(Exception):
+    """Stands in for botocore's: a storage library's own exception type."""
+
+
+def test_storage_library_error_is_one_line(tmp_path, good, monkeypatch):
+    from dmerge.io import storage
+
+    real = storage.map_range
+
+    def failing(location, offset, length):
+        if offset > 4096:
+            raise EndpointConnectionError('Could not connect to the endpoint URL: "http://127.0.0.1:9/bucket"\n'
+                                          "  (and more detail on a second line)")
+        return real(location, offset, length)
+
+    monkeypatch.setattr(storage, "map_range", failing)
+    code, output, out = _merge(tmp_path, good)
+    _assert_clean_failure(code, output, out, "EndpointConnectionError", "Could not connect", "--debug")
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yml"), out, "--quiet", "--debug"])
+    assert result.exit_code == 1 and "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")

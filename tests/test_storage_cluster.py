@@ -120,3 +120,106 @@ def test_external_scheduler_same_bytes(family, tmp_path, external_cluster):
     run_merge(recipe, str(tmp_path / "cluster"), "--out-shard-size", "100K", "--scheduler", external_cluster,
               "--chunk-size", "8K")
     assert shard_bytes(str(tmp_path / "local")) == shard_bytes(str(tmp_path / "cluster"))
+
+
+TIES = """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.7, density: 0.4}}
+  - model: {ft2}
+    parameters: {{weight: 0.5, density: 0.6}}
+dtype: bfloat16
+"""
+
+
+class RangeLog(MemoryFileSystem):
+    """Memory filesystem logging every ranged read of a safetensors file (path, start, end)."""
+
+    protocol = "rangelog"
+    reads: list = []
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("rangelog://"))
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        data = super().cat_file(path, start=start, end=end, **kwargs)
+        if path.endswith(".safetensors"):
+            type(self).reads.append((path, start, len(data)))
+        return data
+
+
+fsspec.register_implementation("rangelog", RangeLog, clobber=True)
+
+
+def test_bytes_read_is_what_the_store_served(family, tmp_path):
+    """ties reads its chunks for the statistics too: the plan's estimate bounds it, and the
+    run reports exactly the tensor bytes the store handed out (headers aside)."""
+    from dmerge.execute import run_plan
+    from dmerge.plan import build_plan
+    from dmerge.recipe import load_recipe
+
+    fs = fsspec.filesystem("rangelog")
+    urls = {}
+    for k in ("base", "ft1", "ft2"):
+        for name in os.listdir(family[k]):
+            with open(os.path.join(family[k], name), "rb") as f:
+                fs.pipe_file(f"/b/{k}/{name}", f.read())
+        urls[k] = f"rangelog:///b/{k}"
+    plan = build_plan(load_recipe(write_recipe(tmp_path / "r.yml", TIES.format(**urls))), chunk_bytes=16 << 10)
+    assert max(t.n_chunks for t in plan.tensors) > 1
+    RangeLog.reads.clear()
+    result = run_plan(plan, str(tmp_path / "out"), quiet=True)
+    data_begin = {}
+    for path in {p for p, _, _ in RangeLog.reads}:
+        raw = fs.cat_file(path)
+        data_begin[path] = 8 + int.from_bytes(raw[:8], "little")
+    served = sum(n for p, start, n in RangeLog.reads if start is not None and start >= data_begin[p])
+    certain, at_most = plan.reads
+    assert result.bytes_read == served
+    assert plan.parent_bytes < certain <= served <= at_most
+    assert result.n_tasks == plan.n_tasks
+
+
+def test_keys_are_run_scoped_and_stable(family, tmp_path):
+    from dmerge.execute import run_id
+    from dmerge.graph import build_graph
+    from dmerge.plan import build_plan
+    from dmerge.recipe import load_recipe
+
+    def keys(text, out):
+        plan = build_plan(load_recipe(text, is_text=True), chunk_bytes=16 << 10)
+        dsk, _ = build_graph(plan, ["shard"] * len(plan.shards), run_id(plan, out))
+        assert len(dsk) == plan.n_tasks
+        return set(dsk)
+
+    a = keys(TIES.format(**family), "out-a")
+    assert keys(TIES.format(**family), "out-a") == a  # a resumed run recognises its own work
+    assert not a & keys(TIES.format(**family), "out-b")
+    assert not a & keys(TIES.format(**family).replace("0.7", "0.6"), "out-a")
+
+
+def test_two_merges_at_once_on_one_scheduler(family, tmp_path):
+    """Two different merges (two `dmerge run` processes) started together on one
+    scheduler: each gets its own bytes (with shared keys, the second used the first's
+    results and wrote zeros)."""
+    from distributed import LocalCluster
+
+    recipes = {"ties": TIES.format(**family), "ta": RECIPE.format(**family)}
+    paths = {name: write_recipe(tmp_path / f"{name}.yml", text) for name, text in recipes.items()}
+    for name, path in paths.items():
+        run_merge(path, str(tmp_path / f"{name}-alone"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        procs = [subprocess.Popen([sys.executable, "-m", "dmerge.cli", "run", path, str(tmp_path / f"{name}-shared"),
+                                   "--scheduler", cluster.scheduler_address, "--chunk-size", "8K", "-q"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for name, path in paths.items()]
+        results = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    for name in paths:
+        assert shard_bytes(str(tmp_path / f"{name}-alone")) == shard_bytes(str(tmp_path / f"{name}-shared")), name

@@ -145,8 +145,8 @@ def open_model(reference: str, base_dir: str | None = None) -> ModelSource:
     tensors: dict[str, TensorLocation] = {}
     for fname, path, (entries, _meta) in zip(files, paths, headers):
         for name, entry in entries.items():
-            if weight_map is not None and weight_map.get(name) not in (None, fname):
-                continue  # the index says this tensor lives in another shard
+            if weight_map is not None:
+                _check_indexed(reference, weight_map, name, fname)
             tensors[name] = TensorLocation(path, entry)
     if weight_map is not None:
         missing = [n for n in weight_map if n not in tensors]
@@ -156,3 +156,20 @@ def open_model(reference: str, base_dir: str | None = None) -> ModelSource:
                 "but that file has no such tensor"
             )
     return ModelSource(reference=reference, location=location, config=config, tensors=tensors)
+
+
+def _check_indexed(reference: str, weight_map: dict, name: str, fname: str) -> None:
+    """The index and the shard headers must agree every way round: a tensor in a shard
+    that the index does not list, or lists in another shard, means a partial or corrupt
+    checkpoint (transformers would load a different set of weights than dmerge merges)."""
+    listed = weight_map.get(name)
+    if listed is None:
+        raise InputModelError(
+            f"model {reference}: tensor {name!r} is in {fname} but not in {INDEX_NAME} "
+            "(the index and the shards disagree: a partial or corrupt checkpoint?)"
+        )
+    if listed != fname:
+        raise InputModelError(
+            f"model {reference}: tensor {name!r} is in {fname} but {INDEX_NAME} puts it in {listed} "
+            "(the index and the shards disagree: a partial or corrupt checkpoint?)"
+        )
