@@ -14,7 +14,7 @@ import warnings
 
 import click
 
-from dmerge.errors import DMergeError
+from dmerge.errors import DMergeError, install_warning_format
 from dmerge.units import parse_size
 
 
@@ -77,6 +77,7 @@ def _friendly_errors(fn):
 
 
 def _do_run(recipe_path: str, out_dir: str, **o) -> None:
+    install_warning_format()
     from dmerge.execute import ClusterOptions, describe_result, run_plan
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
@@ -152,6 +153,7 @@ def mergekit_yaml(config_file: str, out_path: str, **options) -> None:
 def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: str, show_tensors: bool,
              allow_crimes: bool) -> None:
     """Print the plan for RECIPE without reading tensor data."""
+    install_warning_format()
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
 

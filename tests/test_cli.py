@@ -50,3 +50,19 @@ def test_methods_lists_registered():
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "dmerge.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "plan" in out.stdout
+
+
+def test_recipe_warning_prints_as_one_clean_line(family, tmp_path):
+    """A warning names the recipe key and line, not dmerge's source file."""
+    recipe = write_recipe(tmp_path / "r.yml", f"""merge_method: linear
+models:
+  - model: {family['ft1']}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {family['ft2']}
+    parameters: {{weight: 1.0}}
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "dmerge.cli", "plan", recipe], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == ["warning: models[0].parameters.density (line 4): linear ignores 'density'"]

@@ -10,6 +10,7 @@ a half-filled one.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import pkgutil
@@ -124,8 +125,9 @@ def get_method(name: str) -> MergeMethod:
     try:
         return registry[name]
     except KeyError:
-        known = ", ".join(sorted(registry))
-        raise RecipeError(f"merge_method: unknown method {name!r} (known: {known})") from None
+        close = difflib.get_close_matches(name, registry, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(registry))}"
+        raise RecipeError(f"merge_method: unknown method {name!r}; {hint}") from None
 
 
 def available_methods() -> list[str]:
