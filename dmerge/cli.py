@@ -167,13 +167,12 @@ def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: s
 
 @main.command("methods")
 def methods_cmd() -> None:
-    """List the merge methods and their parameters."""
+    """List the merge methods, what they do, and their parameters with defaults."""
     from dmerge.methods import available_methods, get_method
 
     for name in available_methods():
         m = get_method(name)
-        params = ", ".join(p.name for p in m.params + m.model_params)
-        click.echo(f"{name:20s} {params}")
+        click.echo("\n".join(m.describe()) if m.name == name else f"{name}: alias of {m.name}")
 
 
 @main.command("demo")
