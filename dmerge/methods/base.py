@@ -216,7 +216,6 @@ class MergeMethod:
     # A byte-copying method (passthrough) may skip decoding when it does no arithmetic.
     copies_bytes: bool = False
     single_source: bool = False
-    random: bool = False
     # The method converts its inputs to the compute dtype itself (e.g. per row block,
     # which avoids whole-chunk float64 copies); it gets them as stored.
     raw_inputs: bool = False
