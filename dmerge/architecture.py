@@ -138,11 +138,6 @@ def _first_numbered(name: str) -> LayerName | None:
     return None
 
 
-def parse_layer_name(name: str, prefixes: Iterable[str] | None = None) -> LayerName | None:
-    """Split a per-layer tensor name; with no ``prefixes``, at its first numeric component."""
-    return _split_layer(name, prefixes) if prefixes is not None else _first_numbered(name)
-
-
 @dataclass
 class ModelLayout:
     """A model's tensors grouped as pre / per-layer / post, in checkpoint order."""

@@ -17,7 +17,7 @@ import warnings
 
 import click
 
-from dmerge.errors import DMergeError
+from dmerge.errors import DMergeError, install_warning_format
 from dmerge.units import parse_size
 
 
@@ -119,6 +119,7 @@ def _friendly_errors(fn):
 
 
 def _do_run(recipe_path: str, out_dir: str, **o) -> None:
+    install_warning_format()
     from dmerge.execute import ClusterOptions, describe_result, run_plan
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
@@ -195,6 +196,7 @@ def mergekit_yaml(config_file: str, out_path: str, **options) -> None:
 def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: str, show_tensors: bool,
              allow_crimes: bool) -> None:
     """Print the plan for RECIPE without reading tensor data."""
+    install_warning_format()
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
 
@@ -208,13 +210,12 @@ def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: s
 
 @main.command("methods")
 def methods_cmd() -> None:
-    """List the merge methods and their parameters."""
+    """List the merge methods, what they do, and their parameters with defaults."""
     from dmerge.methods import available_methods, get_method
 
     for name in available_methods():
         m = get_method(name)
-        params = ", ".join(p.name for p in m.params + m.model_params)
-        click.echo(f"{name:20s} {params}")
+        click.echo("\n".join(m.describe()) if m.name == name else f"{name}: alias of {m.name}")
 
 
 @main.command("demo")

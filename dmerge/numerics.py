@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from dmerge.io.safetensors_format import DTYPES
 
 # Output dtype -> number of float32 mantissa bits dropped when narrowing to it.
 _DROPPED_BITS = {torch.bfloat16: 16, torch.float16: 13}
@@ -84,7 +83,3 @@ def widen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if t.dtype == torch.float16 and dtype == torch.float64:
         return t.to(torch.float32).to(torch.float64)
     return t.to(dtype)
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    return DTYPES[code]

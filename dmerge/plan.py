@@ -26,10 +26,13 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from dmerge.architecture import LayerName, ModelLayout, architecture_key, layout_of
 from dmerge.errors import InputModelError, RecipeError
 from dmerge.io.model_source import ModelSource, open_model
-from dmerge.io.safetensors_format import DTYPE_NAMES, FLOAT_CODES, TORCH_NAME, TensorEntry, build_header, itemsize
+from dmerge.io.safetensors_format import (CODE_OF, DTYPE_NAMES, DTYPES, FLOAT_CODES, TORCH_NAME, TensorEntry,
+                                          build_header, itemsize)
 from dmerge.methods import MergeMethod, get_method
 from dmerge.recipe import ModelEntry, OutputSlice, Recipe, SliceSource, resolve_param
 from dmerge.units import format_bytes
@@ -275,6 +278,31 @@ def _dtype_code(name: str | None) -> str | None:
     return DTYPE_NAMES[name] if name else None
 
 
+def output_dtype(tensor_name: str, sources: list[SourceTensor], out_dtype: str | None) -> str:
+    """The safetensors dtype one output tensor is written in, by mergekit's rules.
+
+    The recipe's ``out_dtype``, else its ``dtype`` (``out_dtype`` here is whichever is
+    given); with neither, the sources' dtypes promoted as torch promotes them (bf16 + fp32
+    -> fp32, bf16 + fp16 -> fp32), so the order the parents are listed in does not matter.
+    Integer buffers keep their dtype: they are copied, never converted.
+    """
+    first = sources[0].entry.dtype
+    if first not in FLOAT_CODES:
+        return first
+    if out_dtype:
+        return out_dtype
+    promoted = DTYPES[first]
+    for s in sources[1:]:
+        try:
+            promoted = torch.promote_types(promoted, DTYPES[s.entry.dtype])
+        except RuntimeError:  # float8 types promote with nothing but themselves
+            raise InputModelError(
+                f"tensor {tensor_name}: {sources[0].model} stores {first}, {s.model} stores {s.entry.dtype}, "
+                f"which have no common dtype; set dtype or out_dtype in the recipe"
+            ) from None
+    return CODE_OF[promoted]
+
+
 def open_models(recipe: Recipe) -> dict[str, ModelSource]:
     """Open every parent named by the recipe (metadata only), concurrently."""
     refs = recipe.referenced_models()
@@ -411,9 +439,7 @@ def build_plan(
             if problem:
                 raise RecipeError(f"tensor {out_name}: {problem}")
 
-        dtype = out_dtype or first.dtype
-        if first.dtype not in FLOAT_CODES:
-            dtype = first.dtype  # integer buffers are copied as they are
+        dtype = output_dtype(out_name, src_tensors, out_dtype)
         copy = (
             m.copies_bytes
             and all(s.entry.dtype == dtype for s in src_tensors)
@@ -605,9 +631,12 @@ def _output_config(recipe: Recipe, models: dict[str, ModelSource], layouts: dict
     ref = recipe.base_model or slices[0].sources[0].model
     cfg = copy.deepcopy(models[ref].config)
     family = layouts[ref].family
+    # The recipe's dtype, as mergekit writes it; without one, what most tensors were written
+    # in (mergekit keeps the parent's, which misdescribes promoted tensors), ties to the wider.
     float_dtypes = [t.dtype for t in tensors if t.dtype in TORCH_NAME]
-    if float_dtypes:
-        name = TORCH_NAME[max(set(float_dtypes), key=float_dtypes.count)]
+    named = _dtype_code(recipe.out_dtype) or _dtype_code(recipe.dtype)
+    if named or float_dtypes:
+        name = TORCH_NAME[named or max(sorted(set(float_dtypes)), key=lambda c: (float_dtypes.count(c), itemsize(c)))]
         cfg["torch_dtype"] = name
         if "dtype" in cfg:
             cfg["dtype"] = name

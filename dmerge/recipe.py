@@ -14,6 +14,7 @@ Parameter values follow mergekit's meaning:
 
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
 from typing import Any, Optional, Union
@@ -21,9 +22,9 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from dmerge.errors import RecipeError
+from dmerge.errors import RecipeError, RecipeWarning
 from dmerge.io.safetensors_format import DTYPE_NAMES
-from dmerge.methods import MergeMethod, Param, get_method
+from dmerge.methods import MergeMethod, Param, available_methods, get_method
 
 Scalar = Union[bool, int, float, str]
 
@@ -198,15 +199,52 @@ def format_path(path: tuple) -> str:
 
 
 class _Located:
-    """Formats errors as ``path (line N): message``."""
+    """Formats errors and warnings as ``path (line N): message``."""
 
     def __init__(self, node):
         self.node = node
 
-    def error(self, path: tuple, message: str) -> RecipeError:
+    def where(self, path: tuple) -> str:
         line = _line_of(self.node, path)
-        where = format_path(path) + (f" (line {line})" if line else "")
-        return RecipeError(f"{where}: {message}")
+        return format_path(path) + (f" (line {line})" if line else "")
+
+    def error(self, path: tuple, message: str) -> RecipeError:
+        return RecipeError(f"{self.where(path)}: {message}")
+
+    def warn(self, path: tuple, message: str) -> None:
+        warnings.warn(f"{self.where(path)}: {message}", RecipeWarning, stacklevel=3)
+
+
+def _did_you_mean(name: str, candidates, cutoff: float = 0.6) -> str:
+    """``; did you mean 'x'?`` for the closest candidate, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# The keys of a recipe's top level, and of each nested mapping (by its path, list indices
+# and token names dropped), for suggestions when a key is misspelled.
+RECIPE_KEYS = tuple(k for k in Recipe.model_fields if k not in INTERNAL_FIELDS)
+_NESTED_KEYS = {
+    ("models",): ModelEntry.model_fields,
+    ("slices",): OutputSlice.model_fields,
+    ("slices", "sources"): SliceSource.model_fields,
+    ("tokenizer",): TokenizerSpec.model_fields,
+    ("tokenizer", "tokens"): TokenSource.model_fields,
+}
+# How close an unknown top-level key must be to a schema key to be taken for a typo (an
+# error) rather than an extra key (ignored, as mergekit ignores it): merge_methd, dtpye
+# and model are typos; model_name or description are extras.
+_TYPO_CUTOFF = 0.8
+
+
+def _unknown_recipe_keys(keys, loc: _Located) -> list[str]:
+    """The top-level keys outside the schema; raises for one that looks like a misspelled key."""
+    unknown = [k for k in keys if k not in RECIPE_KEYS and k not in INTERNAL_FIELDS]
+    for key in unknown:
+        hint = _did_you_mean(str(key), RECIPE_KEYS, _TYPO_CUTOFF)
+        if hint:
+            raise loc.error((key,), f"is not a recipe key{hint}")
+    return unknown
 
 
 def load_recipe(path_or_text: str, *, is_text: bool = False, allow_crimes: bool = False) -> Recipe:
@@ -228,16 +266,20 @@ def load_recipe(path_or_text: str, *, is_text: bool = False, allow_crimes: bool 
     loc = _Located(node)
     if not isinstance(data, dict):
         raise RecipeError("recipe must be a YAML mapping with at least merge_method and models or slices")
+    _unknown_recipe_keys(data, loc)  # a misspelled key first: it explains a missing one
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        # An unknown key is reported before a missing one (a misspelling explains both).
+        err = min(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
         path = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "tuple["))))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             msg = "is required"
         elif err["type"] == "extra_forbidden":
-            msg = "is not a known key here"
+            scope = tuple(p for p in path[:-1] if isinstance(p, str))
+            scope = scope[:2] if scope[:2] == ("tokenizer", "tokens") else scope  # drop the token
+            msg = "is not a known key here" + _did_you_mean(str(path[-1]), _NESTED_KEYS.get(scope, ()))
         elif "input" in err and err["type"] not in ("value_error",):
             msg = f"{msg}, got {err['input']!r}"
         raise loc.error(path, msg) from None
@@ -251,10 +293,12 @@ def load_recipe(path_or_text: str, *, is_text: bool = False, allow_crimes: bool 
 def validate_recipe(recipe: Recipe, loc: _Located | None = None, *, allow_crimes: bool = False) -> None:
     """Structural and parameter checks (raise RecipeError with the offending key)."""
     loc = loc or _Located(None)
-    method = get_method(recipe.merge_method)  # unknown method -> clear error
-    extra = sorted(set(recipe.model_extra or {}) - set(INTERNAL_FIELDS))
-    if extra:
-        warnings.warn(f"recipe keys ignored (not part of the mergekit schema): {', '.join(extra)}", stacklevel=2)
+    if recipe.merge_method not in available_methods():
+        hint = _did_you_mean(recipe.merge_method, available_methods()) or f" (known: {', '.join(available_methods())})"
+        raise loc.error(("merge_method",), f"unknown method {recipe.merge_method!r}{hint}")
+    method = get_method(recipe.merge_method)
+    for key in _unknown_recipe_keys(recipe.model_extra or {}, loc):
+        loc.warn((key,), "is not a recipe key; ignored (as mergekit ignores it)")
     if recipe.modules:
         raise loc.error(("modules",), "multi-module recipes are not supported yet; use models or slices")
     if bool(recipe.models) == bool(recipe.slices):
@@ -304,13 +348,27 @@ def validate_recipe(recipe: Recipe, loc: _Located | None = None, *, allow_crimes
             if spec is None and path in copy_scopes:
                 spec = copy_method.param(name)
             if spec is None:
-                warnings.warn(f"{format_path(path + (name,))}: {method.name} has no parameter {name!r}; ignored", stacklevel=2)
+                _unknown_parameter(method, name, path, loc, copy=path in copy_scopes)
                 continue
             for sub, value in _leaves(setting):
                 try:
                     spec.coerce(value)
                 except ValueError as e:
                     raise loc.error(path + (name,) + sub, str(e)) from None
+
+
+def _unknown_parameter(method: MergeMethod, name: str, path: tuple, loc: _Located, copy: bool) -> None:
+    """A parameter ``method`` does not read: ignored with a warning when some other method
+    reads it (left over from another recipe), an error when no method does (misspelled)."""
+    if any(get_method(m).param(name) for m in available_methods()):
+        loc.warn(path + (name,), f"{method.name} ignores {name!r}")
+        return
+    own = [p.name for p in method.params + method.model_params]
+    if copy:
+        passthrough = get_method("passthrough")
+        own += [p.name for p in passthrough.params + passthrough.model_params if p.name not in own]
+    hint = _did_you_mean(name, own) or (f"; it takes {', '.join(own)}" if own else "; it takes none")
+    raise loc.error(path + (name,), f"{method.name} has no parameter {name!r}{hint}")
 
 
 def _leaves(setting: Any, sub: tuple = ()):

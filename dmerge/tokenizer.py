@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dmerge.architecture import config_value
-from dmerge.errors import InputModelError, RecipeError
+from dmerge.errors import DMergeWarning, InputModelError, RecipeError
 from dmerge.io import storage
 from dmerge.io.model_source import TOKENIZER_FILES
 
@@ -166,7 +166,7 @@ def build_union(base_tok, parents: list[tuple[str, Any, int]]):
         for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
             if i >= vocab_size:
                 warnings.warn(f"tokenizer of {ref}: token {t!r} has id {i} >= vocab_size {vocab_size}; ignored",
-                              stacklevel=3)
+                              DMergeWarning, stacklevel=3)
                 continue
             if t not in added_here:
                 new_tokens.setdefault(t)
@@ -199,7 +199,7 @@ def build_tokenizer(recipe, models: dict, layouts: dict) -> MergedTokenizer | No
         elif ref == base:
             raise InputModelError(f"model {ref}: no tokenizer files in {m.location}, needed for tokenizer_source")
         else:
-            warnings.warn(f"model {ref} has no tokenizer files; assuming it uses {base}'s", stacklevel=2)
+            warnings.warn(f"model {ref} has no tokenizer files; assuming it uses {base}'s", DMergeWarning, stacklevel=2)
     sizes = {ref: _model_vocab_size(models[ref], layouts.get(ref), toks.get(ref) or toks[base]) for ref in refs}
     base_tok = strip_tokenizer(toks[base], sizes[base], f"model {base}")
     toks[base] = base_tok

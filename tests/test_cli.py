@@ -50,3 +50,34 @@ def test_methods_lists_registered():
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "dmerge.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "plan" in out.stdout
+
+
+def test_recipe_warning_prints_as_one_clean_line(family, tmp_path):
+    """A warning names the recipe key and line, not dmerge's source file."""
+    recipe = write_recipe(tmp_path / "r.yml", f"""merge_method: linear
+models:
+  - model: {family['ft1']}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {family['ft2']}
+    parameters: {{weight: 1.0}}
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "dmerge.cli", "plan", recipe], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == ["warning: models[0].parameters.density (line 4): linear ignores 'density'"]
+
+
+def test_methods_shows_descriptions_defaults_and_per_model_parameters():
+    result = CliRunner().invoke(main, ["methods"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    ties = lines.index("ties (needs base_model): Trim each task vector to its largest magnitudes, elect a sign per "
+                       "element, average the agreeing ones.")
+    params = {line.split()[0]: " ".join(line.split()[1:]) for line in lines[ties + 1:ties + 7]}
+    assert params["density"].startswith("per model (not base), default 1 ")
+    assert params["weight"].startswith("per model (not base), required ")
+    assert params["normalize"].startswith("shared, default true ")
+    assert "linear: Weighted sum of all sources (the base model too, if it has a weight)." in lines
+    assert any(line.split()[:4] == ["weight", "per", "model,", "required"] for line in lines)  # linear's: base too
+    assert any(line.split()[:3] == ["scale", "per", "model,"] and "optional" in line for line in lines)

@@ -600,7 +600,7 @@ def test_nearswap_extremes(variants, tmp_path):
     _assert_equal(_merge(tmp_path / "1", text, a=variants["base"], b=variants["ft1"], t=1000), variants["ft1"])
 
 
-@pytest.mark.filterwarnings("ignore:.*has no parameter")
+@pytest.mark.filterwarnings("ignore:.*ignores")
 @pytest.mark.parametrize("method, models, message", [
     ("slerp", ["ft1", "ft2"], "exactly two models"),
     ("nuslerp", ["ft1"], "exactly two models"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dmerge.errors import RecipeError
+from dmerge.errors import RecipeError, RecipeWarning
 from dmerge.methods import get_method
 from dmerge.recipe import evaluate_setting, load_recipe
 
@@ -113,3 +113,60 @@ def test_filters_pick_first_match_by_substring():
     assert evaluate_setting(setting, "model.layers.3.mlp.up_proj.weight", 0.5, weight) == 0.5
     assert evaluate_setting(setting, "model.norm.weight", 0.5, weight) == 0.9
     assert evaluate_setting(setting[:2], "model.norm.weight", 0.5, weight) is None
+
+
+# ---------------------------------------------------------------------------------------
+# misspelled keys and parameters
+
+TIES_MISSPELLED = """merge_method: ties
+base_model: base
+models:
+  - model: a
+    parameters:
+      weight: 1
+  - model: b
+    parameters:
+      densty: 0.5
+      weight: 1
+"""
+
+
+def test_misspelled_parameter_is_an_error_with_a_suggestion():
+    assert _err(TIES_MISSPELLED) == (
+        "models[1].parameters.densty (line 9): ties has no parameter 'densty'; did you mean 'density'?")
+
+
+def test_parameter_of_no_method_and_close_to_none_lists_the_methods_own():
+    msg = _err("merge_method: slerp\nbase_model: a\nparameters: {t: 0.5, zork: 1}\nmodels:\n  - model: a\n  - model: b\n")
+    assert msg == "parameters.zork (line 3): slerp has no parameter 'zork'; it takes t"
+
+
+def test_parameter_of_another_method_is_ignored_with_a_warning():
+    text = "merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: 1\n      density: 0.5\n"
+    with pytest.warns(RecipeWarning) as record:
+        load_recipe(text, is_text=True)
+    assert [str(w.message) for w in record] == ["models[0].parameters.density (line 6): linear ignores 'density'"]
+
+
+def test_misspelled_top_level_key_is_reported_before_the_missing_one():
+    msg = _err("merge_methd: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n")
+    assert msg == "merge_methd (line 1): is not a recipe key; did you mean 'merge_method'?"
+    assert "did you mean 'dtype'?" in _err("merge_method: linear\ndtpye: float32\nmodels:\n  - model: a\n")
+
+
+def test_unrelated_top_level_key_is_ignored_with_a_warning_as_mergekit_does():
+    text = "merge_method: linear\nmodel_name: my-merge\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
+    with pytest.warns(RecipeWarning, match=r"^model_name \(line 2\): is not a recipe key; ignored"):
+        load_recipe(text, is_text=True)
+
+
+def test_misspelled_nested_key_is_reported_before_the_missing_one():
+    msg = _err("merge_method: linear\nmodels:\n  - modle: a\n    parameters: {weight: 1}\n")
+    assert msg == "models[0].modle (line 3): is not a known key here; did you mean 'model'?"
+
+
+def test_unknown_method_suggests_the_closest():
+    assert _err("merge_method: tie\nmodels:\n  - model: a\n") == (
+        "merge_method (line 1): unknown method 'tie'; did you mean 'ties'?")
+    with pytest.raises(RecipeError, match="did you mean 'slerp'"):
+        get_method("slurp")

@@ -198,7 +198,6 @@ def register_gta(name: str, *, sparsifier: Sparsifier | None, consensus: bool, n
         statistics=statistics,
         work_tensors=work_tensors,
         raw_inputs=True,
-        random=sparsifier is not None and sparsifier.random,
         check=check,
         reference=reference,
     )(method)

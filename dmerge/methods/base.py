@@ -48,6 +48,19 @@ class Param:
     for_base: bool = True
     doc: str = ""
 
+    def describe(self) -> str:
+        """How the parameter is given, for ``dmerge methods``: ``per model, default 1``."""
+        where = ("per model" if self.for_base else "per model (not base)") if self.per_model else "shared"
+        if self.required:
+            need = "required"
+        elif self.default is None:
+            need = "optional"
+        elif isinstance(self.default, bool):
+            need = f"default {str(self.default).lower()}"
+        else:
+            need = f"default {self.default:g}" if isinstance(self.default, (int, float)) else f"default {self.default}"
+        return f"{where}, {need}"
+
     def describe_range(self) -> str:
         if self.choices:
             return "one of " + ", ".join(map(str, self.choices))
@@ -213,7 +226,6 @@ class MergeMethod:
     # A byte-copying method (passthrough) may skip decoding when it does no arithmetic.
     copies_bytes: bool = False
     single_source: bool = False
-    random: bool = False
     # The method converts its inputs to the compute dtype itself (e.g. per row block,
     # which avoids whole-chunk float64 copies); it gets them as stored.
     raw_inputs: bool = False
@@ -230,6 +242,20 @@ class MergeMethod:
     def statistics_for(self, context: ChunkInputs) -> list[tuple[int, Statistic]]:
         """(index, statistic) of the statistics one tensor needs, in declaration order."""
         return [(i, s) for i, s in enumerate(self.statistics) if s.applies(context)]
+
+    @property
+    def summary(self) -> str:
+        """The first line of the method's description."""
+        return self.doc.splitlines()[0].strip().replace("``", "") if self.doc else ""
+
+    def describe(self) -> list[str]:
+        """What ``dmerge methods`` prints: the method and its one-line description, then
+        one line per parameter (how it is given, its default, what it does)."""
+        head = self.name + (" (needs base_model)" if self.requires_base else "")
+        lines = [f"{head}: {self.summary}" if self.summary else head]
+        for p in self.params + self.model_params:
+            lines.append(f"    {p.name:<18} {p.describe():<36} {p.doc}".rstrip())
+        return lines
 
     def param(self, name: str) -> Param | None:
         for p in self.params + self.model_params:
