@@ -198,3 +198,37 @@ models:
     assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "config.json", "mergekit_config.yml", "model.safetensors",
                                                      "model.safetensors.index.json"]
     assert len(load_folder(str(tmp_path / "out"))) == len(load_folder(family["ft1"]))
+
+
+@pytest.mark.parametrize("flag,trusted", [("--trust-remote-code", True), ("--no-trust-remote-code", False)])
+def test_trust_remote_code_reaches_every_tokenizer_load(tmp_path, monkeypatch, flag, trusted):
+    transformers = pytest.importorskip("transformers")
+    from dmerge.toymodels import LlamaShape, random_weights, write_model, write_wordlevel_tokenizer
+
+    shape = LlamaShape(hidden=32, layers=2, intermediate=64, heads=4, kv_heads=2, vocab=16)
+    folders = []
+    for i, words in enumerate((["a", "b", "c"], ["a", "b", "d"])):
+        folder = write_model(str(tmp_path / f"m{i}"), random_weights(shape, i), shape.config("bfloat16"))
+        write_wordlevel_tokenizer(folder, words)
+        folders.append(folder)
+    recipe = write_recipe(tmp_path / "r.yml", f"""
+merge_method: linear
+models:
+  - model: {folders[0]}
+    parameters: {{weight: 0.5}}
+  - model: {folders[1]}
+    parameters: {{weight: 0.5}}
+tokenizer_source: union
+chat_template: auto
+""")
+    seen = []
+    original = transformers.AutoTokenizer.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(recording))
+    result = CliRunner().invoke(mergekit_yaml, [recipe, str(tmp_path / "out"), flag, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {trusted}
