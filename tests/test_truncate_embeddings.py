@@ -70,7 +70,8 @@ def test_plan_keeps_the_common_rows_and_warns(family, wider, tmp_path):
 def test_merge_equals_the_merge_of_the_prefixes(family, wider, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", _recipe_text(family, wider))
     out = str(tmp_path / "out")
-    run_merge(recipe, out, "--unsafe-truncate-embeddings", "--chunk-size", "4K")
+    with pytest.warns(UserWarning, match="unsafe-truncate-embeddings"):
+        run_merge(recipe, out, "--unsafe-truncate-embeddings", "--chunk-size", "4K")
     merged = load_folder(out)
     a, b = load_folder(wider), load_folder(family["ft1"])
     for name in (EMB, HEAD):
@@ -86,7 +87,8 @@ def test_agrees_with_mergekit(family, wider, tmp_path):
     from mergekit_oracle import run_mergekit
 
     text = _recipe_text(family, wider)
-    run_merge(write_recipe(tmp_path / "r.yml", text), str(tmp_path / "ours"), "--unsafe-truncate-embeddings")
+    with pytest.warns(UserWarning, match="unsafe-truncate-embeddings"):
+        run_merge(write_recipe(tmp_path / "r.yml", text), str(tmp_path / "ours"), "--unsafe-truncate-embeddings")
     theirs = load_folder(run_mergekit(text, str(tmp_path / "theirs"), dtype="float32", out_dtype="bfloat16",
                                       unsafe_truncate_embeddings=True))
     ours = load_folder(str(tmp_path / "ours"))
