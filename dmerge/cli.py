@@ -129,7 +129,8 @@ MERGEKIT_FLAGS: dict[str, tuple[str, str]] = {
     "write_threads": ("mapped", "at least N task threads in the local cluster (each task writes its rows)"),
 }
 
-# The mergekit-yaml flags dmerge has no option of its own for, and mergekit's defaults.
+# The mergekit-yaml flags dmerge has no option of its own for, and their defaults
+# (mergekit's, except None for "not given" where mergekit has a number).
 _MERGEKIT_ONLY_DEFAULTS = {
     "transformers_cache": None, "lora_merge_cache": None, "lora_merge_dtype": None, "device": None,
     "low_cpu_memory": False, "clone_tensors": False, "lazy_unpickle": False, "safe_serialization": True,
