@@ -1,13 +1,25 @@
 """Command line: ``dmerge run|plan|demo|methods`` and the ``dmerge-yaml`` alias.
 
-``dmerge-yaml RECIPE OUT_DIR`` takes mergekit-yaml's argument order and its common
-flags (``--cuda``, ``--copy-tokenizer``, ``--allow-crimes``, ``--out-shard-size``,
-``--lazy-unpickle``), so existing scripts keep working.
+``dmerge-yaml CONFIG_FILE OUT_PATH`` takes mergekit-yaml's argument order and accepts
+every flag of mergekit-yaml 0.1.5 (``dmerge run`` accepts them too, unlisted in its
+``--help``). :data:`MERGEKIT_FLAGS` says what each one does here:
+
+* the flags dmerge shares work as in mergekit (``--allow-crimes``, ``--copy-tokenizer``,
+  ``--out-shard-size``, ``--random-seed``, ``--trust-remote-code``,
+  ``--unsafe-truncate-embeddings``, ``--write-model-card``, ``--quiet``, ``--cuda``);
+* the others are translated: GPU flags (``--device cuda``, ``--read-to-gpu``,
+  ``--multi-gpu``, ``--gpu-rich``) turn on ``--cuda``, ``-j``/``--num-threads`` and
+  ``--write-threads`` set the local cluster's threads, ``-v`` the log level;
+* flags with nothing to do in dmerge (``--lazy-unpickle``, ``--low-cpu-memory``,
+  ``--clone-tensors``, ``--async-write``, ``--no-safe-serialization``, the LoRA and cache
+  paths) are accepted and explained in one line on stderr.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import os
 import signal
 import sys
@@ -18,7 +30,7 @@ import warnings
 import click
 
 from dmerge.errors import DMergeError, install_warning_format
-from dmerge.units import parse_size
+from dmerge.units import SIZE_HELP, parse_size
 
 
 class _Size(click.ParamType):
@@ -31,37 +43,143 @@ class _Size(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class _MemoryLimit(click.ParamType):
+    """``auto``, a plain number (handed to Dask as it is: a fraction of the machine's
+    memory up to 1, else bytes) or a SIZE in dmerge's units."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        try:
+            float(text)
+            return text
+        except ValueError:
+            pass
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 SIZE = _Size()
+MEMORY_LIMIT = _MemoryLimit()
+
+# dmerge's merge options, shared by `dmerge run` and `dmerge-yaml`. Add new ones here;
+# those named like a mergekit-yaml flag must keep its meaning (see MERGEKIT_FLAGS).
+MERGE_OPTIONS = [
+    click.option("--out-shard-size", type=SIZE, default="5B", show_default=True,
+                 help="Maximum bytes per output shard (5B = five billion bytes, as mergekit)."),
+    click.option("--chunk-size", type=SIZE, default="128M", show_default=True,
+                 help="Per-task memory budget (128M = 128 MiB); tensors larger than this are split by rows."),
+    click.option("--cuda/--no-cuda", default=False, help="Compute on the GPU (falls back to CPU if none)."),
+    click.option("--compute-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+                 help="Arithmetic precision; the result is rounded once to the output dtype."),
+    click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+                 help="Copy the base (or first) model's tokenizer files when the recipe builds no tokenizer."),
+    click.option("--allow-crimes/--no-allow-crimes", default=False, help="Allow mixing architectures."),
+    click.option("--allow-nan", is_flag=True, help="Write NaN/Inf produced by a merge instead of failing."),
+    click.option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", default=False,
+                 help="UNSAFE: without a recipe tokenizer, keep only the embedding and output-head rows all "
+                      "parents have (assumes identical token ids there)."),
+    click.option("--trust-remote-code/--no-trust-remote-code", default=False,
+                 help="Let tokenizers that ship their own Python code run it (danger)."),
+    click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of random methods (DARE, DELLA)."),
+    click.option("--write-model-card/--no-write-model-card", default=True, show_default=True,
+                 help="Write README.md describing the merge."),
+    click.option("--scheduler", metavar="tcp://HOST:PORT", default=None, help="Use an existing Dask cluster."),
+    click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers of the local cluster (default 1)."),
+    click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+                 help="Threads per local worker (default: the cores divided among the workers)."),
+    click.option("--memory-limit", type=MEMORY_LIMIT, default="auto", show_default=True,
+                 help="Memory limit per local worker, e.g. 4G (or a fraction of the machine's, e.g. 0.5)."),
+    click.option("--processes", is_flag=True, help="Run local workers as separate processes instead of threads."),
+    click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bar or cluster messages."),
+    click.option("-v", "--verbose", "verbosity", count=True,
+                 help="Show log messages (Dask's cluster events, ...): -v info, -vv debug."),
+    click.option("--overwrite", is_flag=True,
+                 help="Replace the model in an OUT_DIR that already holds one (once the new merge is complete)."),
+    click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1)."),
+]
+
+# Every flag of mergekit-yaml 0.1.5 (its MergeOptions fields) and what it does here.
+# kind "same": dmerge has this option with the same meaning (MERGE_OPTIONS);
+# "mapped": translated into dmerge's options by translate_mergekit_flags;
+# "no effect": accepted; when given it prints "note: FLAG has no effect: WHY".
+MERGEKIT_FLAGS: dict[str, tuple[str, str]] = {
+    "allow_crimes": ("same", "--allow-crimes"),
+    "unsafe_truncate_embeddings": ("same", "--unsafe-truncate-embeddings (vocabulary rows cut to the fewest)"),
+    "transformers_cache": ("no effect", "dmerge reads Hub models by byte range and keeps no download cache"),
+    "lora_merge_cache": ("no effect", "dmerge does not apply LoRA adapters (model+adapter references are refused)"),
+    "lora_merge_dtype": ("no effect", "dmerge does not apply LoRA adapters (model+adapter references are refused)"),
+    "cuda": ("same", "--cuda"),
+    "device": ("mapped", "cuda, cuda:N, auto (when a GPU is present): --cuda; cpu or other devices: CPU"),
+    "low_cpu_memory": ("no effect", "dmerge holds only --chunk-size sized pieces of tensors in memory"),
+    "out_shard_size": ("same", "--out-shard-size (bytes; a bare K/M is binary here, decimal in mergekit)"),
+    "copy_tokenizer": ("same", "--copy-tokenizer"),
+    "clone_tensors": ("no effect", "dmerge writes every output tensor from its own bytes"),
+    "trust_remote_code": ("same", "--trust-remote-code (tokenizers with their own code)"),
+    "random_seed": ("same", "--random-seed"),
+    "lazy_unpickle": ("no effect", "dmerge reads safetensors by byte range"),
+    "write_model_card": ("same", "--write-model-card"),
+    "safe_serialization": ("no effect", "dmerge writes safetensors regardless"),
+    "verbosity": ("same", "-v/--verbose: Python logging at info level, -vv debug"),
+    "quiet": ("same", "--quiet"),
+    "read_to_gpu": ("mapped", "--cuda (each chunk is read, then moved to the GPU)"),
+    "multi_gpu": ("mapped", "--cuda, one GPU per worker process"),
+    "num_threads": ("mapped", "-j N: N task threads in the local cluster"),
+    "gpu_rich": ("mapped", "--cuda"),
+    "async_write": ("no effect", "dmerge's tasks write their own rows in parallel as they finish"),
+    "write_threads": ("mapped", "at least N task threads in the local cluster (each task writes its rows)"),
+}
+
+# The mergekit-yaml flags dmerge has no option of its own for, and their defaults
+# (mergekit's, except None for "not given" where mergekit has a number).
+_MERGEKIT_ONLY_DEFAULTS = {
+    "transformers_cache": None, "lora_merge_cache": None, "lora_merge_dtype": None, "device": None,
+    "low_cpu_memory": False, "clone_tensors": False, "lazy_unpickle": False, "safe_serialization": True,
+    "read_to_gpu": False, "multi_gpu": False, "num_threads": None, "gpu_rich": False, "async_write": False,
+    "write_threads": None,
+}
 
 
-def _merge_options(fn):
-    options = [
-        click.option("--out-shard-size", type=SIZE, default="5B", show_default=True,
-                     help="Maximum bytes per output shard (5B = five billion bytes, as mergekit)."),
-        click.option("--chunk-size", type=SIZE, default="128M", show_default=True,
-                     help="Per-task memory budget; tensors larger than this are split by rows."),
-        click.option("--cuda/--no-cuda", default=False, help="Compute on the GPU (falls back to CPU if none)."),
-        click.option("--compute-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
-                     help="Arithmetic precision; the result is rounded once to the output dtype."),
-        click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
-                     help="Copy the base (or first) model's tokenizer files when the recipe builds no tokenizer."),
-        click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures."),
-        click.option("--allow-nan", is_flag=True, help="Write NaN/Inf produced by a merge instead of failing."),
-        click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of random methods (DARE, DELLA)."),
-        click.option("--write-model-card/--no-write-model-card", default=True, show_default=True),
-        click.option("--scheduler", metavar="tcp://HOST:PORT", default=None, help="Use an existing Dask cluster."),
-        click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers of the local cluster (default 1)."),
-        click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
-                     help="Threads per local worker (default: all cores)."),
-        click.option("--memory-limit", default="auto", show_default=True, help="Memory limit per local worker, e.g. 2GB."),
-        click.option("--processes", is_flag=True, help="Run local workers as separate processes instead of threads."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar or cluster messages."),
-        click.option("--overwrite", is_flag=True,
-                     help="Replace the model in an OUT_DIR that already holds one (once the new merge is complete)."),
-        click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1)."),
-        click.option("--lazy-unpickle", is_flag=True, hidden=True, help="Accepted for mergekit compatibility."),
-        click.option("--trust-remote-code", is_flag=True, hidden=True, help="Accepted for mergekit compatibility."),
+def _mergekit_only_options(hidden: bool) -> list:
+    """Click options of the mergekit-yaml flags dmerge has no option of its own for."""
+    def flag(name: str, help_text: str):
+        dashed = name.replace("_", "-")
+        return click.option(f"--{dashed}/--no-{dashed}", default=_MERGEKIT_ONLY_DEFAULTS[name], hidden=hidden,
+                            help=help_text)
+
+    def value(decls: list[str], help_text: str, value_type=str, metavar=None):
+        return click.option(*decls, type=value_type, default=None, metavar=metavar, hidden=hidden, help=help_text)
+
+    def no_effect(name: str) -> str:
+        return f"mergekit-yaml's; no effect: {MERGEKIT_FLAGS[name][1]}."
+
+    return [
+        value(["--device"], "cuda, cuda:N or auto: --cuda; cpu: --no-cuda (mergekit-yaml's).", metavar="DEVICE"),
+        flag("read_to_gpu", "Same as --cuda here (mergekit-yaml's)."),
+        flag("multi_gpu", "Same as --cuda here: one GPU per worker (mergekit-yaml's)."),
+        click.option("--gpu-rich", is_flag=True, default=False, hidden=hidden,
+                     help="Same as --cuda here (mergekit-yaml's)."),
+        value(["--num-threads", "-j"], "Task threads of the local cluster, in all (mergekit-yaml's).",
+              value_type=click.IntRange(min=1), metavar="N"),
+        value(["--write-threads"], "At least N task threads in the local cluster; each writes its own rows "
+                                   "(mergekit-yaml's).", value_type=click.IntRange(min=1), metavar="N"),
+        flag("lazy_unpickle", no_effect("lazy_unpickle")),
+        flag("low_cpu_memory", no_effect("low_cpu_memory")),
+        flag("clone_tensors", no_effect("clone_tensors")),
+        flag("safe_serialization", no_effect("safe_serialization")),
+        flag("async_write", no_effect("async_write")),
+        value(["--transformers-cache"], no_effect("transformers_cache"), metavar="PATH"),
+        value(["--lora-merge-cache"], no_effect("lora_merge_cache"), metavar="PATH"),
+        value(["--lora-merge-dtype"], no_effect("lora_merge_dtype"), metavar="DTYPE"),
     ]
+
+
+def _apply(options: list, fn):
     for opt in reversed(options):
         fn = opt(fn)
     return fn
@@ -78,6 +196,83 @@ def _on_sigterm(signum, frame):
 
 def _debugging(debug: bool = False) -> bool:
     return debug or os.environ.get("DMERGE_DEBUG", "") not in ("", "0")
+
+
+def _merge_options(fn):
+    """dmerge run's options: dmerge's own, and mergekit-yaml's accepted but not listed."""
+    return _apply(MERGE_OPTIONS + _mergekit_only_options(hidden=True), fn)
+
+
+def _mergekit_yaml_options(fn):
+    """dmerge-yaml's options: dmerge's own and every other mergekit-yaml 0.1.5 flag."""
+    return _apply(MERGE_OPTIONS + _mergekit_only_options(hidden=False), fn)
+
+
+def _flag_text(name: str, value) -> str:
+    dashed = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{dashed}" if value else f"--no-{dashed}"
+    return f"--{dashed} {value}"
+
+
+def translate_mergekit_flags(params: dict) -> tuple[dict, list[str]]:
+    """Turn the mergekit-yaml flags among a command's ``params`` into dmerge's options.
+
+    Returns the options for the merge (the mergekit-only flags removed) and the one-line
+    notes to print: flags given that have no effect here, or only part of their effect.
+    """
+    o = dict(params)
+    given = {name: o.pop(name, default) for name, default in _MERGEKIT_ONLY_DEFAULTS.items()}
+    notes = []
+    for name, value in given.items():
+        kind, why = MERGEKIT_FLAGS[name]
+        if kind == "no effect" and value != _MERGEKIT_ONLY_DEFAULTS[name]:
+            notes.append(f"note: {_flag_text(name, value)} has no effect: {why}")
+
+    # GPU: as in mergekit, an explicit --device wins over --cuda and --gpu-rich.
+    device = (given["device"] or "").strip().lower()
+    if device == "cpu":
+        o["cuda"] = False
+    elif device == "auto":
+        import torch
+
+        o["cuda"] = torch.cuda.is_available()
+    elif device.startswith("cuda"):
+        o["cuda"] = True
+        if device not in ("cuda", "cuda:0"):
+            notes.append(f"note: --device {given['device']}: dmerge computes on the current GPU; "
+                         f"set CUDA_VISIBLE_DEVICES={device.partition(':')[2]} to choose it")
+    elif device:
+        o["cuda"] = False
+        notes.append(f"note: --device {given['device']} is not supported by dmerge: computing on CPU")
+    elif given["read_to_gpu"] or given["multi_gpu"] or given["gpu_rich"]:
+        o["cuda"] = True
+    if o.get("cuda") and (given["multi_gpu"] or given["gpu_rich"]):
+        notes.append(f"note: {'--gpu-rich' if given['gpu_rich'] else '--multi-gpu'}: dmerge uses one GPU per worker "
+                     "process; for several GPUs run a Dask cluster with a worker per GPU (--scheduler)")
+
+    # Threads: every dmerge task reads, merges and writes its own rows, so mergekit's
+    # compute threads (-j) and writer threads both become task threads.
+    thread_flags = [_flag_text(n, given[n]) for n in ("num_threads", "write_threads") if given[n]]
+    if thread_flags and (o.get("scheduler") or o.get("threads_per_worker")):
+        other = "--scheduler" if o.get("scheduler") else "--threads-per-worker"
+        notes += [f"note: {f} has no effect with {other}" for f in thread_flags]
+    elif thread_flags:
+        workers = o.get("workers") or 1
+        threads = None
+        if given["num_threads"]:
+            threads = math.ceil(given["num_threads"] / workers)
+        if given["write_threads"]:
+            default = threads or max(1, (os.cpu_count() or 1) // workers)
+            threads = max(default, math.ceil(given["write_threads"] / workers))
+        o["threads_per_worker"] = threads
+    return o, notes
+
+
+def _set_verbosity(verbosity: int) -> None:
+    # mergekit's -v levels: nothing (warnings), -v info, -vv debug.
+    if verbosity:
+        logging.basicConfig(level=logging.INFO if verbosity == 1 else logging.DEBUG)
 
 
 def _friendly_errors(fn):
@@ -118,6 +313,15 @@ def _friendly_errors(fn):
     return wrapper
 
 
+def _run_with_mergekit_flags(recipe_path: str, out_dir: str, params: dict) -> None:
+    """Translate mergekit-yaml's flags, print their notes, and run the merge."""
+    options, notes = translate_mergekit_flags(params)
+    for note in notes:
+        click.echo(note, err=True)
+    _set_verbosity(options.pop("verbosity", 0))
+    _do_run(recipe_path, out_dir, **options)
+
+
 def _do_run(recipe_path: str, out_dir: str, **o) -> None:
     install_warning_format()
     from dmerge.execute import ClusterOptions, describe_result, run_plan
@@ -144,6 +348,8 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
         seed=o["random_seed"],
         allow_nan=o["allow_nan"],
         device=device,
+        unsafe_truncate_embeddings=o["unsafe_truncate_embeddings"],
+        trust_remote_code=o["trust_remote_code"],
     )
     cluster = ClusterOptions(
         scheduler=o["scheduler"],
@@ -164,44 +370,59 @@ def main() -> None:
     """dmerge: distributed, sharded merges of large language models (mergekit recipes)."""
 
 
-@main.command("run")
+@main.command("run", epilog=SIZE_HELP)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @_merge_options
 @_friendly_errors
 def run_cmd(recipe: str, out_dir: str, **options) -> None:
-    """Merge the models of RECIPE (mergekit YAML) into OUT_DIR."""
-    _do_run(recipe, out_dir, **options)
+    """Merge the models of RECIPE (mergekit YAML) into OUT_DIR.
+
+    mergekit-yaml's other flags are accepted too (see dmerge-yaml --help).
+    """
+    _run_with_mergekit_flags(recipe, out_dir, options)
 
 
-@click.command("dmerge-yaml")
+@click.command("dmerge-yaml", epilog=SIZE_HELP)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False))
-@_merge_options
+@_mergekit_yaml_options
 @_friendly_errors
 def mergekit_yaml(config_file: str, out_path: str, **options) -> None:
-    """mergekit-yaml compatible entry point: dmerge-yaml CONFIG_FILE OUT_PATH."""
-    _do_run(config_file, out_path, **options)
+    """mergekit-yaml compatible entry point: dmerge-yaml CONFIG_FILE OUT_PATH.
+
+    Every mergekit-yaml 0.1.5 flag is accepted; those that mean nothing here print a
+    one-line note saying why.
+    """
+    _run_with_mergekit_flags(config_file, out_path, options)
 
 
-@main.command("plan")
+@main.command("plan", epilog=SIZE_HELP)
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--out-shard-size", type=SIZE, default="5B", show_default=True)
-@click.option("--chunk-size", type=SIZE, default="128M", show_default=True)
-@click.option("--compute-dtype", type=click.Choice(["float64", "float32"]), default="float64")
+@click.option("--out-shard-size", type=SIZE, default="5B", show_default=True,
+              help="Maximum bytes per output shard (5B = five billion bytes, as mergekit).")
+@click.option("--chunk-size", type=SIZE, default="128M", show_default=True,
+              help="Per-task memory budget (128M = 128 MiB); tensors larger than this are split by rows.")
+@click.option("--compute-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="Arithmetic precision the tasks would use (it sets their memory estimate).")
 @click.option("--tensors", "show_tensors", is_flag=True, help="Also list every output tensor and its chunks.")
-@click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures.")
+@click.option("--allow-crimes/--no-allow-crimes", default=False, help="Allow mixing architectures.")
+@click.option("--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", default=False,
+              help="UNSAFE: without a recipe tokenizer, keep only the vocabulary rows all parents have.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False,
+              help="Let tokenizers that ship their own Python code run it (danger).")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1).")
 @_friendly_errors
 def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: str, show_tensors: bool,
-             allow_crimes: bool) -> None:
+             allow_crimes: bool, unsafe_truncate_embeddings: bool, trust_remote_code: bool) -> None:
     """Print the plan for RECIPE without reading tensor data."""
     install_warning_format()
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
 
     plan = build_plan(load_recipe(recipe, allow_crimes=allow_crimes), chunk_bytes=chunk_size,
-                      shard_bytes=out_shard_size, compute_dtype=compute_dtype)
+                      shard_bytes=out_shard_size, compute_dtype=compute_dtype,
+                      unsafe_truncate_embeddings=unsafe_truncate_embeddings, trust_remote_code=trust_remote_code)
     click.echo(plan.summary())
     if show_tensors:
         for t in plan.tensors:
@@ -220,10 +441,10 @@ def methods_cmd() -> None:
 
 @main.command("demo")
 @click.argument("workdir", type=click.Path(file_okay=False), default="dmerge-demo")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars (dmerge's or transformers').")
 @_friendly_errors
 def demo_cmd(workdir: str, quiet: bool) -> None:
-    """Build a tiny base model and two fine-tunes in WORKDIR, merge them, check the result."""
+    """Build a tiny base model and two fine-tunes in WORKDIR (default ./dmerge-demo), merge them, check the result."""
     from dmerge.demo import run_demo
 
     run_demo(workdir, quiet=quiet)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
@@ -54,12 +55,41 @@ def run_demo(workdir: str, quiet: bool = False) -> None:
     except ImportError:
         click.echo("transformers not installed: skipping the load check")
         return
-    model = AutoModelForCausalLM.from_pretrained(out)
+    with _quiet_transformers() if quiet else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(out)
     logits = model(torch.tensor([[1, 5, 9, 42]])).logits
     finite = bool(torch.isfinite(logits).all())
     click.echo(f"transformers loads {out}: {type(model).__name__}, {model.config.num_hidden_layers} layers, logits finite: {finite}")
     if not finite or err > 0.01:
         raise SystemExit("demo check failed")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' and huggingface_hub's progress bars and messages (the
+    "Loading weights" bar), and restore their settings afterwards."""
+    from transformers.utils import logging as tf_logging
+
+    verbosity = tf_logging.get_verbosity()
+    bars_were_on = tf_logging.is_progress_bar_enabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    hub = None
+    try:
+        from huggingface_hub import utils as hub
+
+        hub_bars_were_off = hub.are_progress_bars_disabled()
+        hub.disable_progress_bars()
+    except (ImportError, AttributeError):
+        hub = None
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            tf_logging.enable_progress_bar()
+        if hub is not None and not hub_bars_were_off:
+            hub.enable_progress_bars()
 
 
 def _load_tensor(folder: str, name: str) -> torch.Tensor:

@@ -198,7 +198,8 @@ def write_tokenizer(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool) ->
     elif not copy_tokenizer or model is None:
         return
     elif chat:
-        for name, data in tokenizer_files(load_tokenizer(model.location, f"model {tok_ref}"), chat).items():
+        donor = load_tokenizer(model.location, f"model {tok_ref}", plan.trust_remote_code)
+        for name, data in tokenizer_files(donor, chat).items():
             output.write_bytes(name, data)
         extra = ["generation_config.json"]
     else:

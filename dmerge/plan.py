@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -106,6 +107,9 @@ class TensorPlan:
 
     @property
     def bytes_read(self) -> int:
+        if self.row_map is None and self.shape:
+            # Rows past the output's are never read (--unsafe-truncate-embeddings).
+            return sum(min(s.entry.nbytes, s.entry.row_bytes * self.rows) for s in self.sources)
         return sum(s.entry.nbytes for s in self.sources)
 
     def describe(self) -> str:
@@ -156,6 +160,7 @@ class Plan:
     tokenizer: object | None = field(default=None, repr=False)  # dmerge.tokenizer.MergedTokenizer
     architecture: str = ""
     chat_template: str | None = field(default=None, repr=False)
+    trust_remote_code: bool = False  # tokenizers loaded again when the output is written
 
     @property
     def n_tasks(self) -> int:
@@ -358,8 +363,17 @@ def build_plan(
     allow_nan: bool = False,
     device: str = "cpu",
     allow_crimes: bool | None = None,
+    unsafe_truncate_embeddings: bool = False,
+    trust_remote_code: bool = False,
 ) -> Plan:
-    """Plan a merge from the recipe and the parents' headers (no tensor data is read)."""
+    """Plan a merge from the recipe and the parents' headers (no tensor data is read).
+
+    ``unsafe_truncate_embeddings``: as mergekit's option of that name, when the recipe
+    builds no tokenizer, vocabulary tensors (embedding, output head) whose parents have
+    different numbers of rows keep only the rows all parents have (the smallest
+    vocabulary, a prefix of each), assuming token ids mean the same in that prefix.
+    ``trust_remote_code``: tokenizers that ship their own code may run it.
+    """
     from dmerge.tokenizer import build_tokenizer, resolve_chat_template
 
     method = get_method(recipe.merge_method)
@@ -371,8 +385,8 @@ def build_plan(
     slices = normalized_slices(recipe, models, layouts)
     out_dtype = _dtype_code(recipe.out_dtype) or _dtype_code(recipe.dtype)
     compute_itemsize = COMPUTE_ITEMSIZE[compute_dtype]
-    tokenizer = build_tokenizer(recipe, models, layouts)
-    chat_template = resolve_chat_template(recipe.chat_template, models)
+    tokenizer = build_tokenizer(recipe, models, layouts, trust_remote_code=trust_remote_code)
+    chat_template = resolve_chat_template(recipe.chat_template, models, trust_remote_code)
 
     tensors: list[TensorPlan] = []
     seen_names: set[str] = set()
@@ -402,9 +416,16 @@ def build_plan(
                 base_model=base_ref, tokens=tokenizer.spec.tokens, row_numel=math.prod(first.shape[1:]),
             )
         out_shape = (tokenizer.rows,) + tuple(first.shape[1:]) if row_map is not None else first.shape
+        truncate = vocab and tokenizer is None and unsafe_truncate_embeddings and len(first.shape) >= 2
+        if truncate:
+            out_shape = (min(s.entry.rows for s in src_tensors),) + tuple(first.shape[1:])
+            if any(s.entry.rows != out_shape[0] for s in src_tensors):
+                sizes = ", ".join(f"{s.model} {s.entry.rows}" for s in src_tensors)
+                warnings.warn(f"--unsafe-truncate-embeddings: {out_name} keeps the first {out_shape[0]} rows of each "
+                              f"parent ({sizes}); token ids must mean the same in that prefix", stacklevel=2)
         if row_map is None:
             for s in src_tensors[1:]:
-                if s.entry.shape != first.shape:
+                if (s.entry.shape[1:] != first.shape[1:]) if truncate else (s.entry.shape != first.shape):
                     hint = " (different vocabularies: set tokenizer_source, e.g. union or base)" if vocab else ""
                     raise InputModelError(
                         f"tensor {out_name}: shape mismatch: {src_tensors[0].model} has {list(first.shape)}, "
@@ -577,6 +598,7 @@ def build_plan(
         tokenizer=tokenizer,
         architecture=architecture,
         chat_template=chat_template,
+        trust_remote_code=trust_remote_code,
     )
 
 

@@ -93,32 +93,36 @@ def _has_tokenizer(location: str) -> bool:
         return False
 
 
-def load_tokenizer(location: str, what: str):
-    """A fast tokenizer from a model folder (local, or any URL: files fetched first)."""
+def load_tokenizer(location: str, what: str, trust_remote_code: bool = False):
+    """A fast tokenizer from a model folder (local, or any URL: files fetched first).
+
+    ``trust_remote_code``: let a tokenizer that ships its own Python code run it (only
+    possible for local folders: from a URL, only the standard tokenizer files are fetched).
+    """
     tf = _transformers()
     try:
         if not storage.is_url(location):
-            return tf.AutoTokenizer.from_pretrained(location, use_fast=True)
+            return tf.AutoTokenizer.from_pretrained(location, use_fast=True, trust_remote_code=trust_remote_code)
         with tempfile.TemporaryDirectory(prefix="dmerge-tok-") as tmp:
             for name in TOKENIZER_FILES:
                 src = storage.join(location, name)
                 if storage.exists(src):
                     with open(os.path.join(tmp, name), "wb") as f:
                         f.write(storage.read_bytes(src))
-            return tf.AutoTokenizer.from_pretrained(tmp, use_fast=True)
+            return tf.AutoTokenizer.from_pretrained(tmp, use_fast=True, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise InputModelError(f"cannot load the tokenizer of {what}: {type(e).__name__}: {e}") from None
 
 
-def _copy_tokenizer(tok):
+def _copy_tokenizer(tok, trust_remote_code: bool = False):
     """An independent copy (save and reload), so the parent's object is not changed."""
     tf = _transformers()
     with tempfile.TemporaryDirectory(prefix="dmerge-tok-") as tmp:
         tok.save_pretrained(tmp)
-        return tf.AutoTokenizer.from_pretrained(tmp, use_fast=True)
+        return tf.AutoTokenizer.from_pretrained(tmp, use_fast=True, trust_remote_code=trust_remote_code)
 
 
-def strip_tokenizer(tok, vocab_size: int, what: str):
+def strip_tokenizer(tok, vocab_size: int, what: str, trust_remote_code: bool = False):
     """Drop tokens with ids >= ``vocab_size`` (rows the model does not have)."""
     if not any(i >= vocab_size for i in tok.get_vocab().values()):
         return tok
@@ -144,7 +148,7 @@ def strip_tokenizer(tok, vocab_size: int, what: str):
         model["merges"] = [m for m in model["merges"] if keep(m)]
     from tokenizers import Tokenizer
 
-    out = _copy_tokenizer(tok)
+    out = _copy_tokenizer(tok, trust_remote_code)
     out._tokenizer = Tokenizer.from_str(json.dumps(doc))
     return out
 
@@ -156,7 +160,7 @@ def _model_vocab_size(model, layout, tok) -> int:
     return len(tok.get_vocab()) if tok is not None else 0
 
 
-def build_union(base_tok, parents: list[tuple[str, Any, int]]):
+def build_union(base_tok, parents: list[tuple[str, Any, int]], trust_remote_code: bool = False):
     """Base tokenizer plus every parent's tokens (below its vocab size) as added tokens."""
     new_tokens: dict[str, None] = {}
     added: dict[str, Any] = {}
@@ -173,7 +177,7 @@ def build_union(base_tok, parents: list[tuple[str, Any, int]]):
         for i, info in sorted(decoder.items()):
             if i < vocab_size and info.content not in added:
                 added[info.content] = info
-    out = _copy_tokenizer(base_tok)
+    out = _copy_tokenizer(base_tok, trust_remote_code)
     base_vocab = base_tok.get_vocab()
     for t in new_tokens:
         if t not in added and t not in base_vocab:
@@ -183,7 +187,7 @@ def build_union(base_tok, parents: list[tuple[str, Any, int]]):
     return out
 
 
-def build_tokenizer(recipe, models: dict, layouts: dict) -> MergedTokenizer | None:
+def build_tokenizer(recipe, models: dict, layouts: dict, trust_remote_code: bool = False) -> MergedTokenizer | None:
     """The merged tokenizer a recipe asks for, or None when it asks for none."""
     spec = tokenizer_spec(recipe)
     if spec is None:
@@ -195,26 +199,26 @@ def build_tokenizer(recipe, models: dict, layouts: dict) -> MergedTokenizer | No
     for ref in refs:
         m = models[ref]
         if _has_tokenizer(m.location):
-            toks[ref] = load_tokenizer(m.location, f"model {ref}")
+            toks[ref] = load_tokenizer(m.location, f"model {ref}", trust_remote_code)
         elif ref == base:
             raise InputModelError(f"model {ref}: no tokenizer files in {m.location}, needed for tokenizer_source")
         else:
             warnings.warn(f"model {ref} has no tokenizer files; assuming it uses {base}'s", DMergeWarning, stacklevel=2)
     sizes = {ref: _model_vocab_size(models[ref], layouts.get(ref), toks.get(ref) or toks[base]) for ref in refs}
-    base_tok = strip_tokenizer(toks[base], sizes[base], f"model {base}")
+    base_tok = strip_tokenizer(toks[base], sizes[base], f"model {base}", trust_remote_code)
     toks[base] = base_tok
 
     if spec.source == "base":
-        out = _copy_tokenizer(base_tok)
+        out = _copy_tokenizer(base_tok, trust_remote_code)
     elif spec.source == "union":
         order = [base] + [r for r in refs if r != base and r in toks]
-        out = build_union(base_tok, [(r, toks[r], sizes[r]) for r in order])
+        out = build_union(base_tok, [(r, toks[r], sizes[r]) for r in order], trust_remote_code)
     else:
         if spec.source in models:
             location = models[spec.source].location
         else:
             location = storage.resolve_location(spec.source, recipe.source_dir)
-        out = load_tokenizer(location, f"tokenizer_source {spec.source}")
+        out = load_tokenizer(location, f"tokenizer_source {spec.source}", trust_remote_code)
 
     existing = set(out.get_vocab())
     for token in spec.tokens:
@@ -247,7 +251,7 @@ def build_tokenizer(recipe, models: dict, layouts: dict) -> MergedTokenizer | No
 # chat templates and saving
 
 
-def resolve_chat_template(value: str | None, models: dict) -> str | None:
+def resolve_chat_template(value: str | None, models: dict, trust_remote_code: bool = False) -> str | None:
     """``chat_template``: ``auto`` (the parents' most common), a built-in name, or Jinja text."""
     if not value:
         return None
@@ -259,7 +263,7 @@ def resolve_chat_template(value: str | None, models: dict) -> str | None:
             if not _has_tokenizer(m.location):
                 continue
             try:
-                t = load_tokenizer(m.location, m.reference).chat_template
+                t = load_tokenizer(m.location, m.reference, trust_remote_code).chat_template
             except InputModelError:
                 continue
             if isinstance(t, dict):

@@ -14,7 +14,7 @@ import yaml
 
 
 def run_mergekit(recipe_text: str, out_dir: str, *, dtype: str = "float32", out_dtype: str | None = "bfloat16",
-                 seed: int | None = None, allow_crimes: bool = False) -> str:
+                 seed: int | None = None, allow_crimes: bool = False, unsafe_truncate_embeddings: bool = False) -> str:
     """Merge with mergekit in-process; returns out_dir. Skips the test if mergekit is absent."""
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration
@@ -31,6 +31,7 @@ def run_mergekit(recipe_text: str, out_dir: str, *, dtype: str = "float32", out_
         config,
         out_dir,
         options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=seed,
-                             allow_crimes=allow_crimes, lazy_unpickle=False),
+                             allow_crimes=allow_crimes, lazy_unpickle=False,
+                             unsafe_truncate_embeddings=unsafe_truncate_embeddings),
     )
     return out_dir

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import click
 from click.testing import CliRunner
 
 from conftest import load_folder, write_recipe
@@ -17,6 +18,57 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "logits finite: True" in result.output
     assert os.path.exists(tmp_path / "demo" / "merged" / "model.safetensors.index.json")
+    # quiet: no progress bar, neither dmerge's nor transformers' ("Loading weights")
+    assert result.stderr == "", result.stderr
+    from transformers.utils import logging as tf_logging
+
+    assert tf_logging.is_progress_bar_enabled()  # restored afterwards
+
+
+def test_demo_output_is_ignored_by_git():
+    with open(os.path.join(os.path.dirname(__file__), "..", ".gitignore")) as f:
+        assert "/dmerge-demo/" in f.read().split()
+
+
+def _commands():
+    return [mergekit_yaml] + list(main.commands.values())
+
+
+def test_every_option_has_help():
+    for command in _commands():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{command.name} {param.opts[0]} has no help"
+
+
+def test_help_says_which_size_units():
+    for command in (main.commands["run"], main.commands["plan"], mergekit_yaml):
+        text = " ".join(command.get_help(click.Context(command)).split())
+        assert "K/M/G/T = KiB/MiB/GiB/TiB" in text and "KB/MB/GB/TB = powers of 1000" in text and "5B" in text
+
+
+def test_chunk_size_prints_back_as_typed(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", f"""
+merge_method: linear
+models:
+  - model: {family['ft1']}
+    parameters: {{weight: 1.0}}
+  - model: {family['ft2']}
+    parameters: {{weight: 1.0}}
+""")
+    for typed, shown in (("128M", "128 MiB"), ("64K", "64 KiB"), ("100MB", "95.4 MiB")):
+        result = CliRunner().invoke(main, ["plan", recipe, "--chunk-size", typed])
+        assert result.exit_code == 0, result.output
+        assert f"chunk budget {shown}," in result.output
+
+
+def test_memory_limit_uses_dmerge_units():
+    run = main.commands["run"]
+    for typed, value in (("4G", 4 << 30), ("4GB", 4_000_000_000), ("auto", "auto"), ("0.5", "0.5"), ("2000000", "2000000")):
+        with run.make_context("run", ["r.yml", "out", "--memory-limit", typed]) as ctx:
+            assert ctx.params["memory_limit"] == value
+    result = CliRunner().invoke(main, ["run", "r.yml", "out", "--memory-limit", "lots"])
+    assert result.exit_code == 2 and "cannot parse size 'lots'" in result.output
 
 
 def test_dmerge_yaml_alias_takes_mergekit_arguments(family, tmp_path):
