@@ -29,7 +29,8 @@ import torch
 
 from dmerge import native
 from dmerge.methods import ChunkInputs, Param, merge_method
-from dmerge.methods._sparsify import ALL, NONE, Sparsifier, blocks, compute_dtype, non_base_indices, rescale_statistic
+from dmerge.methods._reduce import compute_dtype
+from dmerge.methods._sparsify import ALL, NONE, Sparsifier, blocks, non_base_indices, rescale_statistic
 from dmerge.numerics import round_to, widen
 
 def gta_params(*, normalize: bool, rescale: bool) -> list[Param]:

@@ -55,6 +55,8 @@ def lastdim_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def compute_dtype(x: ChunkInputs) -> torch.dtype:
+    """The dtype a method computes in: ``x.compute_dtype`` for inputs given as stored
+    (``raw_inputs``), else the dtype the engine already converted them to."""
     return x.compute_dtype or x.tensors[0].dtype
 
 

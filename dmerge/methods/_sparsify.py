@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from dmerge import native
-from dmerge.methods._reduce import row_sums, rows_of, tree_combine, tree_partial, tree_total
+from dmerge.methods._reduce import compute_dtype, row_sums, rows_of, tree_combine, tree_partial, tree_total
 from dmerge.methods.base import ChunkInputs, Statistic
 from dmerge.numerics import widen
 
@@ -54,10 +54,6 @@ def block_size(t: torch.Tensor, cpu_block: int = BLOCK) -> int:
 def non_base_indices(x: ChunkInputs) -> list[int]:
     """Source indices of every model except the base (the task vectors' models)."""
     return [i for i in range(len(x.model_params)) if i != x.base_index]
-
-
-def compute_dtype(x: ChunkInputs) -> torch.dtype:
-    return x.compute_dtype or x.tensors[0].dtype
 
 
 _EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)

@@ -25,9 +25,9 @@ from typing import Iterator
 import torch
 
 from dmerge.methods import ChunkInputs, Param, Statistic, merge_method
-from dmerge.methods._reduce import row_sums, rows_of, tree_combine, tree_partial, tree_total
+from dmerge.methods._reduce import compute_dtype, row_sums, rows_of, tree_combine, tree_partial, tree_total
 from dmerge.methods._sparsify import (
-    ALL, NONE, RankSelect, block_task_vectors, blocks, compute_dtype, magnitude_key, non_base_indices,
+    ALL, NONE, RankSelect, block_task_vectors, blocks, magnitude_key, non_base_indices,
 )
 
 VAR = "variance"
