@@ -25,10 +25,8 @@ from typing import Iterator
 import torch
 
 from dmerge.methods import ChunkInputs, Param, Statistic, merge_method
-from dmerge.methods._reduce import compute_dtype, row_sums, rows_of, tree_combine, tree_partial, tree_total
-from dmerge.methods._sparsify import (
-    ALL, NONE, RankSelect, block_task_vectors, blocks, magnitude_key, non_base_indices,
-)
+from dmerge.methods._reduce import compute_dtype, row_blocks, row_sums, rows_of, tree_combine, tree_partial, tree_total
+from dmerge.methods._sparsify import ALL, NONE, RankSelect, block_task_vectors, magnitude_key, non_base_indices
 
 VAR = "variance"
 
@@ -67,7 +65,7 @@ def _selected_blocks(x: ChunkInputs) -> Iterator[tuple[ChunkInputs, dict]]:
     topk = x.params["select_topk"]
     idx = non_base_indices(x)
     select = _select.masker(x, VAR) if 0 < topk < 1 else (lambda keys: ALL if topk >= 1 else NONE)
-    for xb in blocks(x):
+    for xb in row_blocks(x):
         tvs = block_task_vectors(xb, idx)
         keep = select(magnitude_key(_variance(list(tvs.values())))) if 0 < topk < 1 else select(None)
         if keep is NONE:
