@@ -344,14 +344,9 @@ class RankSelect(RadixSelect):
     # -- applying -------------------------------------------------------------------------
 
     def result(self, x: ChunkInputs, i) -> Any:
-        """ALL, NONE or the thresholds for selection id ``i`` (ALL when never wanted)."""
-        fine = x.stats.get(self.fine_name)
-        if fine is not None and i in fine:
-            return fine[i]
-        coarse = x.stats.get(self.coarse_name)
-        if coarse is not None and i in coarse:
-            return coarse[i]
-        return ALL
+        """ALL, NONE or the thresholds for selection id ``i`` (ALL when never wanted). The
+        fine statistic holds every wanted id's result (it runs whenever the coarse one does)."""
+        return (x.stats.get(self.fine_name) or {}).get(i, ALL)
 
     def cut(self, x: ChunkInputs, i) -> Any:
         """ALL, NONE, or this chunk's view of selection ``i`` as plain numbers: keep keys

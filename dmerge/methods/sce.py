@@ -57,14 +57,14 @@ def _window(ctx: ChunkInputs, _id, n: int, nonzero: int) -> tuple[int, int]:
     return 0, int(nonzero * ctx.params["select_topk"])
 
 
-_select = RankSelect("sce_select", _variance_key, _wanted, _window, count_nonzero=True)
+_variance_select = RankSelect("sce_select", _variance_key, _wanted, _window, count_nonzero=True)
 
 
 def _selected_blocks(x: ChunkInputs) -> Iterator[tuple[ChunkInputs, dict]]:
     """Each row block with its task vectors, the selection applied."""
     topk = x.params["select_topk"]
     idx = non_base_indices(x)
-    select = _select.masker(x, VAR) if 0 < topk < 1 else (lambda keys: ALL if topk >= 1 else NONE)
+    select = _variance_select.masker(x, VAR) if 0 < topk < 1 else (lambda keys: ALL if topk >= 1 else NONE)
     for xb in row_blocks(x):
         tvs = block_task_vectors(xb, idx)
         keep = select(magnitude_key(_variance(list(tvs.values())))) if 0 < topk < 1 else select(None)
@@ -106,7 +106,7 @@ _weights = Statistic("sce_weights", _weights_chunk, tree_combine, _weights_final
               doc="fraction of elements (by variance across models) kept"),
         Param("int8_mask", kind=bool, default=False, doc="accepted for compatibility; no effect"),
     ],
-    statistics=[*_select.statistics(), _weights],
+    statistics=[*_variance_select.statistics(), _weights],
     work_tensors=1,
     raw_inputs=True,
     reference="https://arxiv.org/abs/2408.07990",
