@@ -37,8 +37,8 @@ NONE = "none"  # nothing is selected
 
 Histogram = tuple[torch.Tensor, torch.Tensor]  # (distinct values ascending, int64; their counts, int64)
 
-# Histograms over at most this many values are counted in a dense vector (16 MiB at most);
-# wider ones (the low 44 bits of float64 keys) as the sorted distinct values of each block.
+# Histograms over at most this many values are counted and summed in a dense vector
+# (16 MiB at most); wider ones (the low 44 bits of float64 keys) by sorting their values.
 DENSE_BINS = 1 << 21
 
 
@@ -136,35 +136,15 @@ def merge(parts: list[Histogram], bins: int) -> Histogram:
     return distinct, torch.zeros(distinct.shape, dtype=torch.int64).index_add_(0, inverse, counts)
 
 
-class Tally:
-    """A histogram of integer values in ``[0, bins)``, added block by block."""
-
-    def __init__(self, bins: int):
-        self.bins = bins
-        self.dense: torch.Tensor | None = None  # counts per value (bins <= DENSE_BINS), on the values' device
-        self.parts: list[Histogram] = []  # else: each block's distinct values
-
-    def add(self, values: torch.Tensor) -> None:
-        """Count one block of values (any device)."""
-        values = values.reshape(-1)
-        if self.bins > DENSE_BINS:
-            distinct, counts = torch.unique(values, sorted=True, return_counts=True)
-            self.parts.append((distinct.to(torch.int64).cpu(), counts.cpu()))
-            return
-        if self.dense is None:
-            self.dense = torch.zeros(self.bins, dtype=torch.int64, device=values.device)
-        if values.numel() >= self.bins:  # bincount's result is no longer than the block
-            self.dense += torch.bincount(values, minlength=self.bins)
-        else:  # only the values' own bins
-            self.dense.index_add_(0, values, torch.ones(values.shape, dtype=torch.int64, device=values.device))
-
-    def histogram(self) -> Histogram:
-        """The counts so far, sparse, on the CPU."""
-        if self.dense is not None:
-            return sparse(self.dense.cpu())
-        if self.parts:
-            return merge(self.parts, self.bins)
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+def tally(hist: torch.Tensor, values: torch.Tensor) -> None:
+    """Add the counts of ``values`` (integers below ``len(hist)``, on any device) to the
+    dense histogram ``hist`` (int64, on the CPU)."""
+    values = values.reshape(-1)
+    if values.numel() >= hist.numel():  # bincount's result is no longer than the block
+        hist += torch.bincount(values, minlength=hist.numel()).cpu()
+    else:  # only the values' own bins
+        values = values.cpu()
+        hist.index_add_(0, values, torch.ones(values.shape, dtype=torch.int64))
 
 
 def locate(hist: Histogram, rank: int) -> tuple[int, int]:
@@ -230,22 +210,21 @@ class RadixSelect:
         """``{id: (bucket histogram, non-zero keys, {first row: {bucket: fine histogram}})}``
         of one chunk (no fine histograms here: see RankSelect)."""
         ids = self.wanted(x)
-        counted = self._count_keys(row_blocks(x, self.pass_dtype(x)), ids, self.layout.buckets,
-                                   lambda i, k: self.layout.bucket(k))
-        return {i: (hist, nonzero, {}) for i, (hist, nonzero) in counted.items()}
+        hists = {i: torch.zeros(self.layout.buckets, dtype=torch.int64) for i in ids}
+        nonzero = self._count_keys(row_blocks(x, self.pass_dtype(x)), ids, hists, lambda i, k: self.layout.bucket(k))
+        return {i: (sparse(hists[i]), nonzero[i], {}) for i in ids}
 
-    def _count_keys(self, blocks: Iterable[ChunkInputs], ids: list, bins: int,
+    def _count_keys(self, blocks: Iterable[ChunkInputs], ids: list, hists: dict,
                     index: Callable[[Any, torch.Tensor], torch.Tensor]) -> dict:
-        """``{id: (histogram of index(id, keys) over [0, bins), non-zero keys)}`` of the keys
-        of the blocks."""
-        tallies = {i: Tally(bins) for i in ids}
+        """Count ``index(id, keys)`` of the blocks' keys into the dense ``hists``; returns
+        ``{id: number of non-zero keys}`` (0 without ``count_nonzero``)."""
         nonzero = dict.fromkeys(ids, 0)
         for xb in blocks:
             for i, k in self.keys(xb, ids).items():
                 if self.count_nonzero:
                     nonzero[i] += int(torch.count_nonzero(k))
-                tallies[i].add(index(i, k.reshape(-1)))
-        return {i: (tallies[i].histogram(), nonzero[i]) for i in ids}
+                tally(hists[i], index(i, k.reshape(-1)))
+        return nonzero
 
     def _coarse_combine(self, partials: list[dict]) -> dict:
         out = {}
@@ -308,29 +287,25 @@ class RadixSelect:
         blocks, for the buckets ``missed`` (``{id: {bucket}}``)."""
         bins = self.layout.fine_bins
         # Few low bits: count every key, those outside the bucket in two sentinel bins
-        # (``key - bucket start + 1`` clamped to [0, bins + 1]); twice as fast as selecting
-        # the bucket's keys, which wider keys need.
+        # (``key - bucket start + 1`` clamped to [0, bins + 1]), twice as fast as selecting
+        # the bucket's keys. Many (float64 keys): select them, and count distinct values.
         dense = bins <= DENSE_BINS
-        tallies = {(i, b): Tally(bins + 2 if dense else bins) for i, bs in missed.items() for b in bs}
+        counts = {(i, b): torch.zeros(bins + 2, dtype=torch.int64) if dense else [] for i, bs in missed.items()
+                  for b in bs}
         for xb in blocks:
             for i, k in self.keys(xb, list(missed)).items():
                 k = k.reshape(-1)
                 if dense:
                     shifted = torch.empty_like(k)
                     for b in missed[i]:
-                        tallies[(i, b)].add(torch.sub(k, self.layout.key(b, 0), out=shifted).clamp_(-1, bins).add_(1))
+                        tally(counts[(i, b)], torch.sub(k, self.layout.key(b, 0), out=shifted).clamp_(-1, bins).add_(1))
                 else:
                     buckets = self.layout.bucket(k)
                     for b in missed[i]:
-                        tallies[(i, b)].add(self.layout.low(k[buckets == b]))
-        out = {}
-        for key, tally in tallies.items():
-            values, counts = tally.histogram()
-            if dense:  # drop the sentinels
-                inside = (values > 0) & (values <= bins)
-                values, counts = values[inside] - 1, counts[inside]
-            out[key] = (values, counts)
-        return out
+                        counts[(i, b)].append(self.layout.low(k[buckets == b]).cpu())
+        if dense:
+            return {key: sparse(c[1:-1]) for key, c in counts.items()}
+        return {key: torch.unique(torch.cat(c), sorted=True, return_counts=True) for key, c in counts.items()}
 
     @staticmethod
     def _fine_combine(partials: list[dict]) -> dict:

@@ -38,7 +38,7 @@ from dmerge.methods._reduce import compute_dtype, row_sums, rows_of, tree_combin
 # the row-block iterator, under the name this module's passes call (tests count the passes by it)
 from dmerge.methods._reduce import row_blocks as blocks
 from dmerge.methods._select import (
-    ALL, MAGNITUDE_KEYS, NONE, Histogram, RadixSelect, magnitude_key, merge, sparse,
+    ALL, MAGNITUDE_KEYS, NONE, Histogram, RadixSelect, magnitude_key, sparse,
 )
 from dmerge.methods.base import ChunkInputs, Statistic
 from dmerge.numerics import widen
@@ -209,15 +209,14 @@ class RankSelect(RadixSelect):
         predicted = self._predict_buckets(x, ids)
         n_bins = COARSE_BINS + FINE_BINS * max([len(bs) for bs in predicted.values()] or [0])
         hists = {i: torch.zeros(n_bins, dtype=torch.int64) for i in ids}
-        if self._count_native(x, ids, predicted, hists):
-            counted = {i: (sparse(hists[i]), 0) for i in ids}
-        else:
-            counted = self._count_keys(blocks(x, self.pass_dtype(x)), ids, n_bins,
+        nonzero = dict.fromkeys(ids, 0)
+        if not self._count_native(x, ids, predicted, hists):
+            nonzero = self._count_keys(blocks(x, self.pass_dtype(x)), ids, hists,
                                        lambda i, k: self._bin_index(k, predicted.get(i, ())))
         out = {}
-        for i, (hist, nonzero) in counted.items():
-            coarse, fine = self._unpack(hist, predicted.get(i, ()))
-            out[i] = (coarse, nonzero, {x.row_start: fine})
+        for i in ids:
+            coarse, fine = self._unpack(hists[i], predicted.get(i, ()))
+            out[i] = (coarse, nonzero[i], {x.row_start: fine})
         return out
 
     def _native_applies(self, x: ChunkInputs) -> bool:
@@ -261,20 +260,16 @@ class RankSelect(RadixSelect):
         return index
 
     @staticmethod
-    def _unpack(hist: Histogram, buckets) -> tuple[Histogram, dict]:
-        """Split a histogram laid out as :meth:`_bin_index` into the coarse histogram and
-        ``{bucket: fine histogram}`` of the predicted ``buckets``."""
-        values, counts = hist
+    def _unpack(hist: torch.Tensor, buckets) -> tuple[Histogram, dict]:
+        """Split a dense histogram laid out as :meth:`_bin_index` into the coarse histogram
+        and ``{bucket: fine histogram}`` of the predicted ``buckets`` (sparse)."""
+        coarse = hist[:COARSE_BINS].clone()
         fine = {}
         for j, b in enumerate(buckets):
-            first = COARSE_BINS + j * FINE_BINS
-            inside = (values >= first) & (values < first + FINE_BINS)
-            fine[b] = (values[inside] - first, counts[inside])
-        # a predicted bucket's keys were counted in its fine bins only
-        totals = (torch.tensor(list(buckets), dtype=torch.int64),
-                  torch.tensor([int(c.sum()) for _, c in fine.values()], dtype=torch.int64))
-        is_coarse = values < COARSE_BINS
-        return merge([(values[is_coarse], counts[is_coarse]), totals], COARSE_BINS), fine
+            part = hist[COARSE_BINS + j * FINE_BINS: COARSE_BINS + (j + 1) * FINE_BINS]
+            coarse[b] = part.sum()  # the bucket's keys were counted in its fine bins only
+            fine[b] = sparse(part)
+        return sparse(coarse), fine
 
     def _predict_buckets(self, x: ChunkInputs, ids: list) -> dict:
         """``{id: [bucket, ...]}``: the coarse bucket of each target rank's key, predicted from
@@ -339,7 +334,7 @@ class RankSelect(RadixSelect):
         hists = {i: torch.zeros(COARSE_BINS + FINE_BINS * width, dtype=torch.int64) for i in buckets}
         if not self._count_native(x, list(buckets), buckets, hists):
             return None
-        return {(i, b): h for i in buckets for b, h in self._unpack(sparse(hists[i]), buckets[i])[1].items()}
+        return {(i, b): h for i in buckets for b, h in self._unpack(hists[i], buckets[i])[1].items()}
 
     # -- applying -------------------------------------------------------------------------
 
