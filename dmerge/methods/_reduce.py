@@ -29,7 +29,7 @@ independent until the tree above combines them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -190,6 +190,14 @@ def tree_combine(partials: list[TreePartial]) -> TreePartial:
     return n_rows, kept
 
 
+def chunk_partial(x: ChunkInputs, blocks: Iterable[tuple[ChunkInputs, torch.Tensor]]) -> TreePartial:
+    """The row-tree partial of chunk ``x`` from the per-row values ``[rows, ...]`` of each
+    of its row blocks ``(block, values)``."""
+    n_rows = rows_of(x.full_shape)
+    parts = [tree_partial(values.cpu(), xb.row_start, n_rows) for xb, values in blocks]
+    return parts[0] if len(parts) == 1 else tree_combine(parts)
+
+
 def tree_total(partial: TreePartial) -> torch.Tensor:
     """The root of a fully combined tree: the sum over all rows."""
     n_rows, nodes = tree_combine([partial])
@@ -212,9 +220,7 @@ def row_total_statistic(
     """
 
     def chunk(x: ChunkInputs) -> TreePartial:
-        n_rows = rows_of(x.full_shape)
-        parts = [tree_partial(per_row(xb).cpu(), xb.row_start, n_rows) for xb in row_blocks(x)]
-        return parts[0] if len(parts) == 1 else tree_combine(parts)
+        return chunk_partial(x, ((xb, per_row(xb)) for xb in row_blocks(x)))
 
     def final(partial: TreePartial, context: ChunkInputs):
         total = tree_total(partial)

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from dmerge import native
-from dmerge.methods._reduce import compute_dtype, row_sums, rows_of, tree_combine, tree_partial, tree_total
+from dmerge.methods._reduce import chunk_partial, compute_dtype, row_sums, tree_combine, tree_total
 # the row-block iterator, under the name this module's passes call (tests count the passes by it)
 from dmerge.methods._reduce import row_blocks as blocks
 from dmerge.methods._select import (
@@ -596,10 +596,9 @@ def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
 
     def chunk(x):
         ids = wanted(x)
-        n_rows = rows_of(x.full_shape)
         maskers = {i: sparsifier.masker(x, i) for i in ids}
-        parts = []
-        for xb in blocks(x):
+
+        def l1_rows(xb):  # per row, for each model: sum |tau|, sum |kept tau|
             cols = []
             for i, tv in block_task_vectors(xb, ids).items():
                 m = maskers[i](xb, tv)
@@ -607,8 +606,9 @@ def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
                 before = row_sums(a)  # may be a view of ``a`` (one element per row): no in-place below
                 after = before if m is ALL else (torch.zeros_like(before) if m is NONE else row_sums(a * m))
                 cols += [before, after]
-            parts.append(tree_partial(torch.stack(cols, dim=1).cpu(), xb.row_start, n_rows))
-        return parts[0] if len(parts) == 1 else tree_combine(parts)
+            return torch.stack(cols, dim=1)
+
+        return chunk_partial(x, ((xb, l1_rows(xb)) for xb in blocks(x)))  # blocks in order, as maskers need
 
     def finalize(partial, ctx):
         total = tree_total(partial).tolist()

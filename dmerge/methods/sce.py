@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from dmerge.methods import ChunkInputs, Param, Statistic, merge_method
-from dmerge.methods._reduce import compute_dtype, row_blocks, row_sums, rows_of, tree_combine, tree_partial, tree_total
+from dmerge.methods._reduce import chunk_partial, compute_dtype, row_blocks, row_sums, tree_combine, tree_total
 from dmerge.methods._sparsify import ALL, NONE, RankSelect, block_task_vectors, magnitude_key, non_base_indices
 
 VAR = "variance"
@@ -78,10 +78,8 @@ def _selected_blocks(x: ChunkInputs) -> Iterator[tuple[ChunkInputs, dict]]:
 
 
 def _weights_chunk(x: ChunkInputs):
-    n_rows = rows_of(x.full_shape)
-    parts = [tree_partial(torch.stack([row_sums(t.square()) for t in tvs.values()], dim=1).cpu(), xb.row_start, n_rows)
-             for xb, tvs in _selected_blocks(x)]
-    return parts[0] if len(parts) == 1 else tree_combine(parts)
+    return chunk_partial(x, ((xb, torch.stack([row_sums(t.square()) for t in tvs.values()], dim=1))
+                             for xb, tvs in _selected_blocks(x)))
 
 
 def _weights_finalize(partial, ctx: ChunkInputs) -> dict:
