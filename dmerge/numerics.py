@@ -9,12 +9,26 @@ float32 value lands exactly on a bf16 midpoint the tie is broken by the float32
 rounding rather than the true value (about 1 element in 10^5). :func:`round_to`
 detects those ties and nudges the float32 value towards the true side first, so every
 element is the float64 value rounded to nearest-even.
+
+Work on a chunk goes in blocks of :data:`BLOCK_ELEMENTS` elements (of whole rows,
+``dmerge.methods._reduce.row_blocks``; flat, for the engine's elementwise path and
+:func:`count_nonfinite`), so that its temporaries stay small.
 """
 
 from __future__ import annotations
 
 import torch
 
+
+# Block sizes, in elements. No result depends on them: blocked work is elementwise,
+# row-local or an integer count, and tensor-wide sums go through the split-independent
+# row tree of dmerge.methods._reduce (tests run with tiny blocks to check that).
+BLOCK_ELEMENTS = 1 << 17
+"""On a CPU. A float64 temporary of this many elements is 1 MiB: the few that a step
+holds stay in a core's L2 cache, and two threads' working sets fit the L3 (the
+sparsifiers were slower at 2^18; Gram sums and slerp take the same time at 2^19)."""
+GPU_BLOCK_ELEMENTS = 1 << 24
+"""On a GPU, where kernel launches, not caches, are the cost: few, large blocks."""
 
 # Output dtype -> number of float32 mantissa bits dropped when narrowing to it.
 _DROPPED_BITS = {torch.bfloat16: 16, torch.float16: 13}
@@ -63,14 +77,11 @@ def count_nonfinite(t: torch.Tensor) -> int:
     int_dtype, mask = spec
     bits = t.reshape(-1).view(int_dtype)
     bad = 0
-    for a in range(0, bits.numel(), _CHECK_BLOCK):  # blocks: temporaries stay in cache
-        special = (bits[a: a + _CHECK_BLOCK] & mask) == mask
+    for a in range(0, bits.numel(), BLOCK_ELEMENTS):  # blocks: temporaries stay in cache
+        special = (bits[a: a + BLOCK_ELEMENTS] & mask) == mask
         if bool(special.any()):
             bad += int(special.sum())
     return bad
-
-
-_CHECK_BLOCK = 1 << 18
 
 
 def widen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

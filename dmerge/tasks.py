@@ -21,7 +21,7 @@ from dmerge.io import storage
 from dmerge.io.output import copy_range, write_range
 from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
-from dmerge.numerics import count_nonfinite, round_to, widen
+from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, widen
 
 keep_freed_memory()  # workers import this module: tune their allocator once
 
@@ -39,8 +39,7 @@ def _inference(fn):
 
     return run
 
-# Elements per block of the cache-blocked elementwise path (1 MiB of float64 per input).
-ELEMENTWISE_BLOCK = 1 << 17
+ELEMENTWISE_BLOCK = BLOCK_ELEMENTS  # the cache-blocked elementwise path's flat blocks
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

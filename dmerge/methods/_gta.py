@@ -29,7 +29,8 @@ import torch
 
 from dmerge import native
 from dmerge.methods import ChunkInputs, Param, merge_method
-from dmerge.methods._sparsify import ALL, NONE, Sparsifier, blocks, compute_dtype, non_base_indices, rescale_statistic
+from dmerge.methods._reduce import compute_dtype, row_blocks
+from dmerge.methods._sparsify import ALL, NONE, Sparsifier, non_base_indices, rescale_statistic
 from dmerge.numerics import round_to, widen
 
 def gta_params(*, normalize: bool, rescale: bool) -> list[Param]:
@@ -73,7 +74,7 @@ def merge_task_vectors(x: ChunkInputs, sparsifier: Sparsifier | None, consensus:
     flat_out = out.view(-1)
     at = 0
     with torch.no_grad():
-        for xb in blocks(x):
+        for xb in row_blocks(x):
             base = xb.base
             ds = []
             for i, masker, w in zip(idx, maskers, weights):

@@ -19,23 +19,22 @@ Elementwise IEEE additions are exactly reproducible, so the totals are too. They
 pairwise float64 sums: relative error about ``log2(n) * 2**-53`` of the sum of
 magnitudes, far below anything a bf16/fp16/fp32 output can show.
 
-Work inside a chunk goes by **row blocks** of about half a million elements
-(:func:`row_blocks`, :func:`blockwise`): temporaries stay small and cache-resident, and
-are reused by the allocator instead of being page-faulted in for every chunk (several
-times faster than whole-chunk temporaries). Splitting rows never changes a result, since
-rows are independent until the tree above combines them.
+Work inside a chunk goes by **row blocks** (:func:`row_blocks`, :func:`blockwise`; sizes in
+:mod:`dmerge.numerics`): temporaries stay small and cache-resident, and are reused by
+the allocator instead of being page-faulted in for every chunk (several times faster
+than whole-chunk temporaries). Splitting rows never changes a result, since rows are
+independent until the tree above combines them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from dmerge.methods.base import ChunkInputs, Statistic
-
-BLOCK_ELEMENTS = 1 << 19  # elements per tensor in one row block
+from dmerge.numerics import BLOCK_ELEMENTS, GPU_BLOCK_ELEMENTS, widen
 
 # ------------------------------------------------------------------- within a chunk
 
@@ -55,33 +54,33 @@ def lastdim_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def compute_dtype(x: ChunkInputs) -> torch.dtype:
+    """The dtype a method computes in: ``x.compute_dtype`` for inputs given as stored
+    (``raw_inputs``), else the dtype the engine already converted them to."""
     return x.compute_dtype or x.tensors[0].dtype
 
 
-def row_blocks(x: ChunkInputs) -> Iterator[ChunkInputs]:
-    """The chunk as consecutive blocks of whole rows, in the compute dtype (same
-    parameters and stats). Inputs given as stored (``raw_inputs``) are converted here,
-    block by block.
+def row_blocks(x: ChunkInputs, dtype: torch.dtype | None = None) -> Iterator[ChunkInputs]:
+    """The chunk as consecutive blocks of whole rows, about ``BLOCK_ELEMENTS`` elements
+    each (``GPU_BLOCK_ELEMENTS`` on a GPU), its tensors converted to ``dtype`` (default:
+    the compute dtype) block by block: inputs given as stored (``raw_inputs``) are
+    never converted whole. Parameters and statistics are the chunk's.
 
-    Only tensors of two or more dimensions are split: a 1-D tensor's last-dimension
-    vector is the whole tensor.
+    Rows stay whole, so per-row work (row sums, DELLA's ranks) and keyed randomness
+    (``element_offset``) see the same thing in any block. Only tensors of two or more
+    dimensions are split: a vector (or scalar) is one block. A block's tensors may be
+    views of the chunk's: treat them as read-only.
     """
-    dtype = compute_dtype(x)
-    shape = tuple(x.tensors[0].shape) if x.tensors else ()
-    per_row = max(1, x.tensors[0][0].numel()) if len(shape) >= 2 else 1
-    step = max(1, BLOCK_ELEMENTS // per_row)
-    if len(shape) < 2 or step >= shape[0]:
-        if all(t.dtype == dtype for t in x.tensors):
-            yield x
-        else:
-            yield dataclasses.replace(x, tensors=[t.to(dtype) for t in x.tensors], compute_dtype=None)
+    dtype = dtype or compute_dtype(x)
+    ref = x.tensors[0]
+    if ref.dim() < 2:
+        yield dataclasses.replace(x, tensors=[widen(t, dtype) for t in x.tensors], compute_dtype=None)
         return
-    for r0 in range(0, shape[0], step):
-        r1 = min(shape[0], r0 + step)
-        yield dataclasses.replace(
-            x, tensors=[t[r0:r1].to(dtype) for t in x.tensors], row_start=x.row_start + r0,
-            row_stop=x.row_start + r1, compute_dtype=None,
-        )
+    block = BLOCK_ELEMENTS if ref.device.type == "cpu" else GPU_BLOCK_ELEMENTS
+    step = max(1, block // max(1, ref[0].numel()))
+    for r0 in range(0, ref.shape[0], step):
+        r1 = min(ref.shape[0], r0 + step)
+        yield dataclasses.replace(x, tensors=[widen(t[r0:r1], dtype) for t in x.tensors],
+                                  row_start=x.row_start + r0, row_stop=x.row_start + r1, compute_dtype=None)
 
 
 def blockwise(x: ChunkInputs, fn: Callable[[ChunkInputs], torch.Tensor]) -> torch.Tensor:
@@ -191,6 +190,14 @@ def tree_combine(partials: list[TreePartial]) -> TreePartial:
     return n_rows, kept
 
 
+def chunk_partial(x: ChunkInputs, blocks: Iterable[tuple[ChunkInputs, torch.Tensor]]) -> TreePartial:
+    """The row-tree partial of chunk ``x`` from the per-row values ``[rows, ...]`` of each
+    of its row blocks ``(block, values)``."""
+    n_rows = rows_of(x.full_shape)
+    parts = [tree_partial(values.cpu(), xb.row_start, n_rows) for xb, values in blocks]
+    return parts[0] if len(parts) == 1 else tree_combine(parts)
+
+
 def tree_total(partial: TreePartial) -> torch.Tensor:
     """The root of a fully combined tree: the sum over all rows."""
     n_rows, nodes = tree_combine([partial])
@@ -213,9 +220,7 @@ def row_total_statistic(
     """
 
     def chunk(x: ChunkInputs) -> TreePartial:
-        n_rows = rows_of(x.full_shape)
-        parts = [tree_partial(per_row(xb).cpu(), xb.row_start, n_rows) for xb in row_blocks(x)]
-        return parts[0] if len(parts) == 1 else tree_combine(parts)
+        return chunk_partial(x, ((xb, per_row(xb)) for xb in row_blocks(x)))
 
     def final(partial: TreePartial, context: ChunkInputs):
         total = tree_total(partial)

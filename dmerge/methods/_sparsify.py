@@ -5,16 +5,14 @@ row blocks):
 
 * **Radix select** (:class:`RankSelect`): keep the elements of descending magnitude rank
   ``[lo, hi)`` of a whole tensor (TIES keeps ``[0, k)``, breadcrumbs a window below the
-  outliers). The k-th largest magnitude is found from histograms of the bit pattern of
-  the float32 magnitude (non-negative floats order like their bit patterns as
-  integers): a first statistic counts the top 16 bits, a second one the low 15 bits
-  inside the one bucket that holds the rank. O(n), integer counts (exact,
-  order-independent); usually one streaming pass, because the first statistic also
-  counts the low bits of the bucket a sample predicts (the second then reads no data
-  where the guess was right). Ties at the threshold are broken by flat element
-  index (lower index ranks higher), so exactly ``hi - lo`` elements are kept; the
-  second statistic also keeps each chunk's count of threshold ties so a chunk knows
-  how many tied elements come before it.
+  outliers). The keys bounding the window are found by the radix select of
+  :mod:`dmerge.methods._select` over the float32 magnitude's bit pattern: a first
+  statistic counts the top 16 bits, a second one the low 15 bits inside the bucket
+  that holds each bounding rank. O(n), integer counts (exact, order-independent);
+  usually one streaming pass, because the first statistic also counts the low bits of
+  the bucket a sample predicts (the second then reads no data where the guess was
+  right). Ties at the threshold are broken by flat element index (lower index ranks
+  higher), so exactly ``hi - lo`` elements are kept.
 * **Keyed randomness** (:func:`stream_key`, :func:`keyed_bits`, :func:`keyed_keep`):
   32-bit uniform numbers from splitmix64 of a counter, keyed by (seed, tensor name,
   model index) and indexed by the element's flat index in the whole tensor.
@@ -22,7 +20,8 @@ row blocks):
   row-tree sums of :mod:`dmerge.methods._reduce`.
 
 The methods take their inputs as stored (``raw_inputs``) and work row block by row
-block (:func:`blocks`), so temporaries stay small. Pure tensor math; no I/O.
+block (:func:`dmerge.methods._reduce.row_blocks`), so temporaries stay small. Pure
+tensor math; no I/O.
 """
 
 from __future__ import annotations
@@ -30,34 +29,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from dmerge import native
-from dmerge.methods._reduce import row_sums, rows_of, tree_combine, tree_partial, tree_total
+from dmerge.methods._reduce import chunk_partial, compute_dtype, row_sums, tree_combine, tree_total
+# the row-block iterator, under the name this module's passes call (tests count the passes by it)
+from dmerge.methods._reduce import row_blocks as blocks
+from dmerge.methods._select import (
+    ALL, MAGNITUDE_KEYS, NONE, Histogram, RadixSelect, magnitude_key, sparse,
+)
 from dmerge.methods.base import ChunkInputs, Statistic
 from dmerge.numerics import widen
-
-# Elements per step where a step needs several temporaries: small enough that a few
-# float64 blocks stay in a core's L2 cache (elementwise work, so any block size gives
-# the same bits).
-BLOCK = 1 << 17
-GPU_BLOCK = 1 << 24  # on a GPU, large steps: kernel launches, not caches, are the cost
-
-
-def block_size(t: torch.Tensor, cpu_block: int = BLOCK) -> int:
-    """Elements per step for work on ``t``'s device."""
-    return cpu_block if t.device.type == "cpu" else GPU_BLOCK
 
 
 def non_base_indices(x: ChunkInputs) -> list[int]:
     """Source indices of every model except the base (the task vectors' models)."""
     return [i for i in range(len(x.model_params)) if i != x.base_index]
-
-
-def compute_dtype(x: ChunkInputs) -> torch.dtype:
-    return x.compute_dtype or x.tensors[0].dtype
 
 
 _EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)
@@ -68,27 +57,6 @@ def key_dtype(x: ChunkInputs) -> torch.dtype:
     task vector has the same magnitude keys as the float64 one, see :func:`magnitude_key`),
     else the compute dtype. Selection passes need only keys, so they compute in this."""
     return torch.float32 if all(t.dtype in _EXACT_IN_FLOAT32 for t in x.tensors) else compute_dtype(x)
-
-
-def blocks(x: ChunkInputs, dtype: torch.dtype | None = None) -> Iterator[ChunkInputs]:
-    """The chunk as consecutive blocks of whole rows (about ``BLOCK`` elements each), its
-    tensors converted to ``dtype`` (default: the compute dtype) block by block (the
-    methods here take their inputs as stored, ``raw_inputs``). Rows stay whole, so
-    per-row work (DELLA's ranks) and keyed randomness (``element_offset``) see the same
-    thing in any block.
-
-    A block's tensors may be views of the chunk's: treat them as read-only.
-    """
-    dtype = dtype or compute_dtype(x)
-    ref = x.tensors[0]
-    if ref.dim() < 2:  # a vector (or scalar) is one piece
-        yield dataclasses.replace(x, tensors=[widen(t, dtype) for t in x.tensors], compute_dtype=None)
-        return
-    step = max(1, block_size(ref) // max(1, ref[0].numel()))
-    for r0 in range(0, ref.shape[0], step):
-        r1 = min(ref.shape[0], r0 + step)
-        yield dataclasses.replace(x, tensors=[widen(t[r0:r1], dtype) for t in x.tensors],
-                                  row_start=x.row_start + r0, row_stop=x.row_start + r1, compute_dtype=None)
 
 
 def block_task_vectors(xb: ChunkInputs, ids: list[int]) -> dict[int, torch.Tensor]:
@@ -182,45 +150,15 @@ def keep_threshold(p: float) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Radix select
+# Radix select of a window of ranks
 
-COARSE_SHIFT = 15  # stage 1: bits 30..15 of the float32 pattern (8 exponent + 8 mantissa bits)
-COARSE_BINS = 1 << 16
-FINE_BINS = 1 << COARSE_SHIFT
+# The magnitude keys' layout, in the names the fused kernel (gta.c) and RankSelect's
+# prediction use: the coarse bins, then FINE_BINS per predicted bucket.
+COARSE_SHIFT = MAGNITUDE_KEYS.shift
+COARSE_BINS = MAGNITUDE_KEYS.buckets
+FINE_BINS = MAGNITUDE_KEYS.fine_bins
 PREDICT_ELEMENTS = 1 << 16  # sample size of the bucket prediction (see RankSelect._predict_buckets)
 PREDICT_BUCKETS = 32  # at most this many buckets per target rank are predicted (counted finely)
-ALL = "all"
-NONE = "none"
-
-
-def magnitude_key(t: torch.Tensor) -> torch.Tensor:
-    """int32 keys ordering like |t| rounded to float32.
-
-    Rounding is symmetric, so |fl32(t)| == fl32(|t|); the float32 bit pattern of a
-    non-negative number is a non-negative int32 ordered like the number.
-
-    For a task vector ``t = x - b`` this is the same key whether ``t`` was computed in
-    float64 or in float32 from parents that float32 holds exactly (bf16, fp16, fp32):
-    the float64 difference is exact unless the exponents of x and b are more than 29
-    apart, and then both roundings give the larger operand. That is why the selection
-    statistics may read such parents as float32 (``input_dtype``), and it is exactly the
-    magnitude mergekit ranks (it subtracts in float32).
-    """
-    k = t.abs() if t.dtype == torch.float32 else t.to(torch.float32).abs_()  # never modifies t
-    return k.view(torch.int32)
-
-
-def _sparse_counts(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    h = torch.bincount(values.reshape(-1), minlength=bins)
-    nz = h.nonzero().squeeze(1)
-    return nz, h[nz]
-
-
-def _dense(parts: list[tuple[torch.Tensor, torch.Tensor]], bins: int) -> torch.Tensor:
-    h = torch.zeros(bins, dtype=torch.int64)
-    for idx, cnt in parts:
-        h.index_add_(0, idx.to(torch.int64), cnt)
-    return h
 
 
 def _target_ranks(lo: int, hi: int) -> list[int]:
@@ -229,43 +167,39 @@ def _target_ranks(lo: int, hi: int) -> list[int]:
     return sorted({lo, hi - 1} - ({0} if hi > 1 else set())) or [0]
 
 
-def _locate(hist: torch.Tensor, rank: int) -> tuple[int, int]:
-    """Bin holding descending rank ``rank`` (0 = largest) and how many elements lie above it."""
-    above_incl = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # count in bins >= b
-    # the bin b with above_incl[b] > rank >= above_incl[b + 1]
-    b = int((above_incl > rank).nonzero().max())
-    above = int(above_incl[b] - hist[b])
-    return b, above
-
-
-class RankSelect:
-    """Keep the elements of descending rank ``[lo, hi)`` by key, per selection id.
+class RankSelect(RadixSelect):
+    """Keep the elements of descending rank ``[lo, hi)`` by magnitude key, per selection id.
 
     ``keys(xb, ids)`` returns ``{id: int32 keys}`` of one row block (non-negative keys,
-    ordered like the ranking); ``wanted(ctx)`` the ids that may need selecting (from
-    parameters alone); ``window(ctx, id, n, nonzero)`` the rank window ``(lo, hi)`` for
-    ``n`` elements of which ``nonzero`` have a non-zero key. Two statistics named
-    ``{name}_coarse`` and ``{name}_fine`` do the selection; :meth:`masker` applies it
-    block by block.
+    ordered like the ranking, as :func:`magnitude_key`); ``wanted(ctx)`` the ids that may
+    need selecting (from parameters alone); ``window(ctx, id, n, nonzero)`` the rank
+    window ``(lo, hi)`` for ``n`` elements of which ``nonzero`` have a non-zero key. Two
+    statistics named ``{name}_coarse`` and ``{name}_fine`` do the selection (the radix
+    select of :mod:`dmerge.methods._select`, with a bucket prediction and the fused
+    kernel); :meth:`masker` applies it block by block.
     """
 
     def __init__(self, name: str, keys: Callable[[ChunkInputs, list], dict], wanted: Callable[[ChunkInputs], list],
                  window: Callable[[ChunkInputs, Any, int, int], tuple[int, int]], count_nonzero: bool = False,
                  pass_dtype: Callable[[ChunkInputs], torch.dtype] | None = None,
                  task_vector_magnitudes: bool = False):
-        self.name = name
+        super().__init__(f"{name}_coarse", f"{name}_fine", MAGNITUDE_KEYS, keys, wanted, self._window_ranks,
+                         count_nonzero, pass_dtype)
+        self.window = window
         # keys are magnitude_key(x_i - base) for the non-base ids i: the fused kernel
         # (dmerge.native) can then count them without calling ``keys``
         self.task_vector_magnitudes = task_vector_magnitudes
-        self.pass_dtype = pass_dtype or compute_dtype  # dtype the selection passes compute keys in
-        self.keys = keys
-        self.wanted = wanted
-        self.window = window
-        self.count_nonzero = count_nonzero  # does window() use the number of non-zero keys?
-        self.coarse_name = f"{name}_coarse"
-        self.fine_name = f"{name}_fine"
 
-    # -- stage 1 --------------------------------------------------------------------------
+    def _window_ranks(self, ctx: ChunkInputs, i, n: int, nonzero: int) -> list[int] | str:
+        """The ranks to find for selection ``i``'s window, or ALL / NONE where it needs none."""
+        lo, hi = self.window(ctx, i, n, nonzero)
+        if lo >= hi:
+            return NONE
+        if lo == 0 and hi >= n:
+            return ALL
+        return _target_ranks(lo, hi)
+
+    # -- stage 1, with the fine histograms of predicted buckets --------------------------------
 
     def _coarse_chunk(self, x: ChunkInputs) -> dict:
         """Coarse histograms of the chunk's keys, and the fine histogram of the bucket(s) a
@@ -277,24 +211,12 @@ class RankSelect:
         hists = {i: torch.zeros(n_bins, dtype=torch.int64) for i in ids}
         nonzero = dict.fromkeys(ids, 0)
         if not self._count_native(x, ids, predicted, hists):
-            for xb in blocks(x, self.pass_dtype(x)):
-                for i, k in self.keys(xb, ids).items():
-                    if self.count_nonzero:
-                        nonzero[i] += int(torch.count_nonzero(k))
-                    hists[i] += torch.bincount(self._bin_index(k.reshape(-1), predicted.get(i, ())),
-                                               minlength=n_bins).cpu()
+            nonzero = self._count_keys(blocks(x, self.pass_dtype(x)), ids, hists,
+                                       lambda i, k: self._bin_index(k, predicted.get(i, ())))
         out = {}
         for i in ids:
-            h = hists[i]
-            coarse = h[:COARSE_BINS].clone()
-            fine = {}
-            for j, b in enumerate(predicted.get(i, ())):
-                part = h[COARSE_BINS + j * FINE_BINS: COARSE_BINS + (j + 1) * FINE_BINS]
-                coarse[b] = part.sum()  # the bucket's keys were counted in its fine bins only
-                nz = part.nonzero().squeeze(1)
-                fine[b] = (nz, part[nz])
-            nz = coarse.nonzero().squeeze(1)
-            out[i] = ((nz, coarse[nz]), nonzero[i], {x.row_start: fine})
+            coarse, fine = self._unpack(hists[i], predicted.get(i, ()))
+            out[i] = (coarse, nonzero[i], {x.row_start: fine})
         return out
 
     def _native_applies(self, x: ChunkInputs) -> bool:
@@ -303,9 +225,8 @@ class RankSelect:
                 and native.usable(*x.tensors))
 
     def _count_native(self, x: ChunkInputs, ids: list, predicted: dict, hists: dict) -> bool:
-        """Count the chunk's keys into ``hists`` with the fused kernel (the same counts as
-        the block loop of :meth:`_coarse_chunk`); False (nothing counted) where it does
-        not apply."""
+        """Count the chunk's keys into the dense ``hists`` (laid out as :meth:`_bin_index`)
+        with the fused kernel; False (nothing counted) where it does not apply."""
         if not ids or not self._native_applies(x):
             return False
         native.magnitude_histograms(x.base, [x.tensors[i] for i in ids], [hists[i] for i in ids],
@@ -315,7 +236,7 @@ class RankSelect:
     @staticmethod
     def _bin_index(k: torch.Tensor, buckets) -> torch.Tensor:
         """Histogram index of each key: its coarse bucket, or for a key inside the j-th
-        predicted bucket, ``COARSE_BINS + j * FINE_BINS +`` its low bits (one bincount
+        predicted bucket, ``COARSE_BINS + j * FINE_BINS +`` its low bits (one count
         gives both histograms)."""
         index = k >> COARSE_SHIFT
         if len(buckets) > 2:  # a range of buckets (continuous keys): one lookup, not a pass per bucket
@@ -337,6 +258,18 @@ class RankSelect:
             step = (k + (COARSE_BINS + j * FINE_BINS - (b << COARSE_SHIFT))).sub_(index)
             index.add_(step.mul_(inside))
         return index
+
+    @staticmethod
+    def _unpack(hist: torch.Tensor, buckets) -> tuple[Histogram, dict]:
+        """Split a dense histogram laid out as :meth:`_bin_index` into the coarse histogram
+        and ``{bucket: fine histogram}`` of the predicted ``buckets`` (sparse)."""
+        coarse = hist[:COARSE_BINS].clone()
+        fine = {}
+        for j, b in enumerate(buckets):
+            part = hist[COARSE_BINS + j * FINE_BINS: COARSE_BINS + (j + 1) * FINE_BINS]
+            coarse[b] = part.sum()  # the bucket's keys were counted in its fine bins only
+            fine[b] = sparse(part)
+        return sparse(coarse), fine
 
     def _predict_buckets(self, x: ChunkInputs, ids: list) -> dict:
         """``{id: [bucket, ...]}``: the coarse bucket of each target rank's key, predicted from
@@ -364,11 +297,11 @@ class RankSelect:
         for i, keys in self.keys(sample, ids).items():
             keys = keys.reshape(-1)
             m = keys.numel()
-            lo, hi = self.window(x, i, n, 0)
-            if lo >= hi or (lo == 0 and hi >= n) or m == 0:
+            ranks = self.ranks(x, i, n, 0)
+            if isinstance(ranks, str) or m == 0:
                 continue
             buckets = set()
-            for rank in _target_ranks(lo, hi):
+            for rank in ranks:
                 q = rank / n
                 at = q * m  # descending position in the sample
                 spread = 4 * math.sqrt(m * q * (1 - q)) + 1  # the sample quantile's error, generously
@@ -382,148 +315,33 @@ class RankSelect:
                 predicted[i] = sorted(buckets)
         return predicted
 
-    @staticmethod
-    def _coarse_combine(partials: list[dict]) -> dict:
-        out = {}
-        for i in partials[0]:
-            dense = _dense([p[i][0] for p in partials], COARSE_BINS)
-            nz = dense.nonzero().squeeze(1)
-            fine = {}
-            for p in partials:
-                fine.update(p[i][2])  # one entry per chunk (keyed by its first row)
-            out[i] = ((nz, dense[nz]), sum(p[i][1] for p in partials), fine)
-        return out
-
-    def _coarse_finalize(self, combined: dict, ctx: ChunkInputs) -> dict:
-        n = math.prod(ctx.full_shape)
-        result = {}
-        for i, (counts, nonzero, fine) in combined.items():
-            lo, hi = self.window(ctx, i, n, nonzero)
-            if lo >= hi:
-                result[i] = NONE
-            elif lo == 0 and hi >= n:
-                result[i] = ALL
-            else:
-                hist = _dense([counts], COARSE_BINS)
-                targets = []
-                for rank in _target_ranks(lo, hi):
-                    b, above = _locate(hist, rank)
-                    # the chunks whose sample predicted bucket b counted it already
-                    known = {start: f[b] for start, f in fine.items() if b in f}
-                    targets.append({"rank": rank, "bin": b, "above": above, "known": known})
-                result[i] = {"lo": lo, "hi": hi, "targets": targets}
-        return result
-
-    # -- stage 2 --------------------------------------------------------------------------
-
-    def _fine_plan(self, x: ChunkInputs) -> tuple[dict, dict]:
-        """For one chunk: the fine histograms its coarse pass already counted
-        (``{(id, bucket): counts}``) and the buckets it must still count (``{id: {bucket}}``,
-        where the sample's prediction missed). Needs only ``x.stats`` and ``x.row_start``."""
-        coarse = x.stats.get(self.coarse_name) or {}
-        known = {}
-        missed = {}
-        for i, r in coarse.items():
-            if not isinstance(r, dict):
-                continue
-            for t in r["targets"]:
-                if x.row_start in t["known"]:
-                    known[(i, t["bin"])] = t["known"][x.row_start]
-                elif (i, t["bin"]) not in known:
-                    missed.setdefault(i, set()).add(t["bin"])
-        return known, missed
-
-    def _fine_reads(self, ctx: ChunkInputs) -> bool:
-        """Whether a chunk's fine pass needs its data (a prediction missed there)."""
-        return bool(self._fine_plan(ctx)[1])
+    # -- stage 2, counted by the fused kernel where it applies ---------------------------------
 
     def _fine_chunk(self, x: ChunkInputs) -> dict:
-        out, bins = self._fine_plan(x)
-        hists = {(i, b): torch.zeros(FINE_BINS + 2, dtype=torch.int64) for i, bs in bins.items() for b in bs}
-        # a prediction missed: count the bucket's low bits in a second pass
-        if bins and not self._fine_native(x, bins, hists):
-            for xb in blocks(x, self.pass_dtype(x)):
-                for i, k in self.keys(xb, list(bins)).items():
-                    k = k.reshape(-1)
-                    low = torch.empty_like(k)
-                    for b in bins[i]:
-                        # low bits of the keys inside bucket b, shifted by one; keys outside
-                        # land in the sentinel bins 0 and FINE_BINS + 1, dropped below
-                        torch.sub(k, b << COARSE_SHIFT, out=low).clamp_(-1, FINE_BINS).add_(1)
-                        hists[(i, b)] += torch.bincount(low, minlength=FINE_BINS + 2).cpu()
-        for key, h in hists.items():
-            h = h[1:-1]
-            nz = h.nonzero().squeeze(1)
-            out[key] = (nz, h[nz])
-        return {x.row_start: out}
+        """``{first row: {(id, bucket): fine histogram}}`` of one chunk: those its coarse pass
+        counted, and the buckets whose prediction missed, counted now."""
+        counts, missed = self._fine_plan(x)
+        if missed:
+            counts.update(self._fine_native(x, missed) or self._count_fine(blocks(x, self.pass_dtype(x)), missed))
+        return {x.row_start: counts}
 
-    def _fine_native(self, x: ChunkInputs, bins: dict, hists: dict) -> bool:
-        """The fine histograms of ``bins`` (``{id: buckets}``) into ``hists`` (laid out as in
-        :meth:`_fine_chunk`) with the fused kernel, which counts them as it would a
-        predicted bucket; False (nothing counted) where it does not apply."""
-        ids = list(bins)
-        buckets = {i: sorted(bins[i]) for i in ids}
+    def _fine_native(self, x: ChunkInputs, missed: dict) -> dict | None:
+        """The fine histograms of the ``missed`` buckets (``{id: {bucket}}``) by the fused
+        kernel, which counts them as it would predicted buckets; None where it does not
+        apply."""
+        buckets = {i: sorted(bs) for i, bs in missed.items()}
         width = max(len(bs) for bs in buckets.values())
-        full = {i: torch.zeros(COARSE_BINS + FINE_BINS * width, dtype=torch.int64) for i in ids}
-        if not self._count_native(x, ids, buckets, full):
-            return False
-        for i in ids:
-            for j, b in enumerate(buckets[i]):
-                hists[(i, b)][1:-1] += full[i][COARSE_BINS + j * FINE_BINS: COARSE_BINS + (j + 1) * FINE_BINS]
-        return True
-
-    @staticmethod
-    def _fine_combine(partials: list[dict]) -> dict:
-        out = {}
-        for p in partials:
-            out.update(p)  # one entry per chunk (keyed by its first row): order-independent
-        return out
-
-    def _fine_finalize(self, per_chunk: dict, ctx: ChunkInputs) -> dict:
-        coarse = ctx.stats.get(self.coarse_name) or {}
-        starts = sorted(per_chunk)
-        result = {}
-        for i, r in coarse.items():
-            if not isinstance(r, dict):
-                result[i] = r
-                continue
-            thresholds = []
-            for t in r["targets"]:
-                b = t["bin"]
-                hist = _dense([per_chunk[s][(i, b)] for s in starts], FINE_BINS)
-                f, above_in_bin = _locate(hist, t["rank"] - t["above"])
-                key = (b << COARSE_SHIFT) | f
-                prefix, seen = {}, 0
-                for s in starts:  # threshold ties in the chunks before each chunk
-                    prefix[s] = seen
-                    idx, cnt = per_chunk[s][(i, b)]
-                    hit = (idx == f).nonzero()
-                    seen += int(cnt[hit[0, 0]]) if hit.numel() else 0
-                thresholds.append({"key": key, "above": t["above"] + above_in_bin, "prefix": prefix})
-            result[i] = {"lo": r["lo"], "hi": r["hi"], "thresholds": thresholds}
-        return result
-
-    def statistics(self) -> list[Statistic]:
-        def needed(ctx):  # from parameters alone; the fine pass does nothing if coarse settles all
-            return bool(self.wanted(ctx))
-
-        return [
-            Statistic(self.coarse_name, self._coarse_chunk, self._coarse_combine, self._coarse_finalize, needed),
-            Statistic(self.fine_name, self._fine_chunk, self._fine_combine, self._fine_finalize, needed,
-                      reads=self._fine_reads),
-        ]
+        hists = {i: torch.zeros(COARSE_BINS + FINE_BINS * width, dtype=torch.int64) for i in buckets}
+        if not self._count_native(x, list(buckets), buckets, hists):
+            return None
+        return {(i, b): h for i in buckets for b, h in self._unpack(hists[i], buckets[i])[1].items()}
 
     # -- applying -------------------------------------------------------------------------
 
     def result(self, x: ChunkInputs, i) -> Any:
-        """ALL, NONE or the thresholds for selection id ``i`` (ALL when never wanted)."""
-        fine = x.stats.get(self.fine_name)
-        if fine is not None and i in fine:
-            return fine[i]
-        coarse = x.stats.get(self.coarse_name)
-        if coarse is not None and i in coarse:
-            return coarse[i]
-        return ALL
+        """ALL, NONE or the thresholds for selection id ``i`` (ALL when never wanted). The
+        fine statistic holds every wanted id's result (it runs whenever the coarse one does)."""
+        return (x.stats.get(self.fine_name) or {}).get(i, ALL)
 
     def cut(self, x: ChunkInputs, i) -> Any:
         """ALL, NONE, or this chunk's view of selection ``i`` as plain numbers: keep keys
@@ -534,7 +352,7 @@ class RankSelect:
         r = self.result(x, i)
         if not isinstance(r, dict):
             return r
-        lo, hi = r["lo"], r["hi"]
+        lo, hi = self.window(x, i, r["n"], r["nonzero"])
         ths = r["thresholds"]  # by rank: [rank lo,] rank hi - 1 (lo = 0 needs no upper cut)
         next_rank = {}
         for t in ths:  # the next tied element's rank, per threshold value
@@ -635,15 +453,10 @@ class _MagnitudeWindow(Sparsifier):
 
     def _trivial(self, ctx, i):
         """ALL or NONE when the window needs no selection, else None."""
-        n = math.prod(ctx.full_shape)
         if _density(ctx, i) >= 1:
             return ALL
-        lo, hi = self.window(ctx, i, n)
-        if lo >= hi:
-            return NONE
-        if lo == 0 and hi >= n:
-            return ALL
-        return None
+        ranks = self.select.ranks(ctx, i, math.prod(ctx.full_shape), 0)
+        return ranks if isinstance(ranks, str) else None
 
     def _wanted(self, ctx):
         return [i for i in non_base_indices(ctx) if self._trivial(ctx, i) is None]
@@ -783,10 +596,9 @@ def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
 
     def chunk(x):
         ids = wanted(x)
-        n_rows = rows_of(x.full_shape)
         maskers = {i: sparsifier.masker(x, i) for i in ids}
-        parts = []
-        for xb in blocks(x):
+
+        def l1_rows(xb):  # per row, for each model: sum |tau|, sum |kept tau|
             cols = []
             for i, tv in block_task_vectors(xb, ids).items():
                 m = maskers[i](xb, tv)
@@ -794,8 +606,9 @@ def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
                 before = row_sums(a)  # may be a view of ``a`` (one element per row): no in-place below
                 after = before if m is ALL else (torch.zeros_like(before) if m is NONE else row_sums(a * m))
                 cols += [before, after]
-            parts.append(tree_partial(torch.stack(cols, dim=1).cpu(), xb.row_start, n_rows))
-        return parts[0] if len(parts) == 1 else tree_combine(parts)
+            return torch.stack(cols, dim=1)
+
+        return chunk_partial(x, ((xb, l1_rows(xb)) for xb in blocks(x)))  # blocks in order, as maskers need
 
     def finalize(partial, ctx):
         total = tree_total(partial).tolist()

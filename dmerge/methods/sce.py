@@ -25,10 +25,8 @@ from typing import Iterator
 import torch
 
 from dmerge.methods import ChunkInputs, Param, Statistic, merge_method
-from dmerge.methods._reduce import row_sums, rows_of, tree_combine, tree_partial, tree_total
-from dmerge.methods._sparsify import (
-    ALL, NONE, RankSelect, block_task_vectors, blocks, compute_dtype, magnitude_key, non_base_indices,
-)
+from dmerge.methods._reduce import chunk_partial, compute_dtype, row_blocks, row_sums, tree_combine, tree_total
+from dmerge.methods._sparsify import ALL, NONE, RankSelect, block_task_vectors, magnitude_key, non_base_indices
 
 VAR = "variance"
 
@@ -59,15 +57,15 @@ def _window(ctx: ChunkInputs, _id, n: int, nonzero: int) -> tuple[int, int]:
     return 0, int(nonzero * ctx.params["select_topk"])
 
 
-_select = RankSelect("sce_select", _variance_key, _wanted, _window, count_nonzero=True)
+_variance_select = RankSelect("sce_select", _variance_key, _wanted, _window, count_nonzero=True)
 
 
 def _selected_blocks(x: ChunkInputs) -> Iterator[tuple[ChunkInputs, dict]]:
     """Each row block with its task vectors, the selection applied."""
     topk = x.params["select_topk"]
     idx = non_base_indices(x)
-    select = _select.masker(x, VAR) if 0 < topk < 1 else (lambda keys: ALL if topk >= 1 else NONE)
-    for xb in blocks(x):
+    select = _variance_select.masker(x, VAR) if 0 < topk < 1 else (lambda keys: ALL if topk >= 1 else NONE)
+    for xb in row_blocks(x):
         tvs = block_task_vectors(xb, idx)
         keep = select(magnitude_key(_variance(list(tvs.values())))) if 0 < topk < 1 else select(None)
         if keep is NONE:
@@ -80,10 +78,8 @@ def _selected_blocks(x: ChunkInputs) -> Iterator[tuple[ChunkInputs, dict]]:
 
 
 def _weights_chunk(x: ChunkInputs):
-    n_rows = rows_of(x.full_shape)
-    parts = [tree_partial(torch.stack([row_sums(t.square()) for t in tvs.values()], dim=1).cpu(), xb.row_start, n_rows)
-             for xb, tvs in _selected_blocks(x)]
-    return parts[0] if len(parts) == 1 else tree_combine(parts)
+    return chunk_partial(x, ((xb, torch.stack([row_sums(t.square()) for t in tvs.values()], dim=1))
+                             for xb, tvs in _selected_blocks(x)))
 
 
 def _weights_finalize(partial, ctx: ChunkInputs) -> dict:
@@ -108,7 +104,7 @@ _weights = Statistic("sce_weights", _weights_chunk, tree_combine, _weights_final
               doc="fraction of elements (by variance across models) kept"),
         Param("int8_mask", kind=bool, default=False, doc="accepted for compatibility; no effect"),
     ],
-    statistics=[*_select.statistics(), _weights],
+    statistics=[*_variance_select.statistics(), _weights],
     work_tensors=1,
     raw_inputs=True,
     reference="https://arxiv.org/abs/2408.07990",
