@@ -87,7 +87,10 @@ def test_disk_space_is_checked_before_writing(family, tmp_path, monkeypatch):
     result = _run(_recipe(tmp_path, family, 1.0), out, "-q")
     assert result.exit_code == 1
     line = result.stderr.strip()
-    assert "\n" not in line and "not enough disk space" in line and "needs" in line and "10.0 KB" in line, line
+    from dmerge.units import format_bytes
+
+    assert "\n" not in line and "not enough disk space" in line and "needs" in line, line
+    assert f"{format_bytes(10_000)} are free" in line, line
     assert not os.path.exists(out)
 
 
