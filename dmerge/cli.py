@@ -72,8 +72,9 @@ MEMORY_LIMIT = _MemoryLimit()
 MERGE_OPTIONS = [
     click.option("--out-shard-size", type=SIZE, default="5B", show_default=True,
                  help="Maximum bytes per output shard (5B = five billion bytes, as mergekit)."),
-    click.option("--chunk-size", type=SIZE, default="128M", show_default=True,
-                 help="Per-task memory budget (128M = 128 MiB); tensors larger than this are split by rows."),
+    click.option("--chunk-size", type=SIZE, default=None,
+                 help="Per-task memory budget, e.g. 256M (256 MiB); tensors larger than this are split by rows. "
+                      "Default: 128M, less where the workers' memory limits need it."),
     click.option("--cuda/--no-cuda", default=False, help="Compute on the GPU (falls back to CPU if none)."),
     click.option("--compute-dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
                  help="Arithmetic precision; the result is rounded once to the output dtype."),
@@ -99,6 +100,9 @@ MERGE_OPTIONS = [
     click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bar or cluster messages."),
     click.option("-v", "--verbose", "verbosity", count=True,
                  help="Show log messages (Dask's cluster events, ...): -v info, -vv debug."),
+    click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Run a task that failed up to N more times (transient storage errors). Workers that die "
+                      "are replaced and their tasks rerun regardless."),
     click.option("--overwrite", is_flag=True,
                  help="Replace the model in an OUT_DIR that already holds one (once the new merge is complete)."),
     click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1)."),
@@ -324,8 +328,9 @@ def _run_with_mergekit_flags(recipe_path: str, out_dir: str, params: dict) -> No
 
 def _do_run(recipe_path: str, out_dir: str, **o) -> None:
     install_warning_format()
-    from dmerge.execute import ClusterOptions, describe_result, run_plan
-    from dmerge.plan import build_plan
+    from dmerge.execute import (ClusterOptions, check_worker_memory, chunk_budget, describe_result, run_plan,
+                                worker_memory)
+    from dmerge.plan import DEFAULT_CHUNK_BYTES, build_plan
     from dmerge.recipe import load_recipe
 
     with warnings.catch_warnings():
@@ -340,9 +345,19 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
             device = "cuda"
         else:
             click.echo("warning: --cuda given but no GPU is available; computing on CPU", err=True)
+    cluster = ClusterOptions(
+        scheduler=o["scheduler"],
+        workers=o["workers"],
+        threads_per_worker=o["threads_per_worker"],
+        memory_limit=o["memory_limit"],
+        processes=o["processes"],
+        retries=o["retries"],
+    )
+    workers = worker_memory(cluster)
     plan = build_plan(
         recipe,
-        chunk_bytes=o["chunk_size"],
+        # without --chunk-size: the default, or less where the workers' memory limits need it
+        chunk_bytes=o["chunk_size"] or chunk_budget(workers, DEFAULT_CHUNK_BYTES),
         shard_bytes=o["out_shard_size"],
         compute_dtype=o["compute_dtype"],
         seed=o["random_seed"],
@@ -351,13 +366,7 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
         unsafe_truncate_embeddings=o["unsafe_truncate_embeddings"],
         trust_remote_code=o["trust_remote_code"],
     )
-    cluster = ClusterOptions(
-        scheduler=o["scheduler"],
-        workers=o["workers"],
-        threads_per_worker=o["threads_per_worker"],
-        memory_limit=o["memory_limit"],
-        processes=o["processes"],
-    )
+    check_worker_memory(plan, workers)
     result = run_plan(plan, out_dir, cluster=cluster, quiet=o["quiet"], copy_tokenizer=o["copy_tokenizer"],
                       write_model_card=o["write_model_card"], overwrite=o["overwrite"])
     if not o["quiet"]:

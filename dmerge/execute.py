@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from dmerge.io.model_source import TOKENIZER_FILES
 from dmerge.io.output import LocalOutput
 from dmerge.plan import Plan
 from dmerge.units import format_bytes
+from dmerge.worker_env import WorkerSetup, host_task_threads, torch_threads_for, usable_cores
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ClusterOptions:
     threads_per_worker: int | None = None
     memory_limit: str | None = "auto"
     processes: bool = False
+    retries: int = 0  # extra tries of a task that raised (transient storage errors)
 
 
 @dataclass
@@ -70,6 +73,7 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
             )
             client = Client(cluster)
         try:
+            client.register_plugin(WorkerSetup(host_task_threads(client.scheduler_info()["workers"])))
             if not quiet:
                 link = getattr(client, "dashboard_link", None)
                 if link and options.scheduler is None and importlib.util.find_spec("bokeh") is None:
@@ -92,11 +96,84 @@ def _describe_local(cluster, processes: bool) -> str:
     return f"local cluster ({what}" + (f" x {threads} thread{'s' if threads != 1 else ''})" if threads else ")")
 
 
+# What a worker process holds before any task: the interpreter, torch, distributed
+# (measured: 248 MiB). An in-process worker shares the client's process, whose
+# resident size counts instead where it is larger.
+WORKER_BASELINE_BYTES = 300 << 20
+# The share of a worker's memory limit its process may plan to fill: Dask starts
+# spilling at 70 % and pauses a worker at 80 % of its limit, and reads in flight and
+# allocator slack come on top of what tasks plan to hold.
+PLANNED_MEMORY_SHARE = 0.6
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """What one worker can give its tasks."""
+
+    limit: int | None  # bytes; None: no limit
+    threads: int
+    baseline: int = WORKER_BASELINE_BYTES
+
+    def per_task(self) -> float:
+        """Bytes one task may plan to hold (inf without a limit)."""
+        if not self.limit:
+            return math.inf
+        return (self.limit * PLANNED_MEMORY_SHARE - self.baseline) / max(1, self.threads)
+
+    def limit_for(self, task_bytes: int) -> int:
+        """The memory limit at which tasks of ``task_bytes`` would fit."""
+        return math.ceil((task_bytes * max(1, self.threads) + self.baseline) / PLANNED_MEMORY_SHARE)
+
+
+def worker_memory(options: ClusterOptions) -> list[WorkerMemory]:
+    """What each worker the merge will use can give its tasks, known before the merge
+    starts: from the scheduler, or the local cluster's options."""
+    if options.scheduler:
+        from distributed import Client
+
+        with Client(options.scheduler, timeout="30s") as client:
+            info = client.scheduler_info()["workers"]
+        return [WorkerMemory(w.get("memory_limit") or None, int(w.get("nthreads", 1))) for w in info.values()]
+    import logging
+
+    from distributed.worker_memory import parse_memory_limit
+
+    from dmerge.allocator import resident_bytes
+
+    cores = usable_cores()
+    workers = options.workers or 1
+    threads = options.threads_per_worker or max(1, cores // workers)
+    limit = parse_memory_limit(options.memory_limit or "auto", threads, total_cores=threads * workers,
+                               logger=logging.getLogger("dmerge"))
+    baseline = WORKER_BASELINE_BYTES if options.processes else max(WORKER_BASELINE_BYTES, resident_bytes())
+    return [WorkerMemory(limit, threads, baseline)] * workers
+
+
+def chunk_budget(workers: list[WorkerMemory], default: int) -> int:
+    """The per-task memory budget the smallest worker allows (at most ``default``)."""
+    budget = min([default] + [w.per_task() for w in workers])
+    return max(1, int(budget))  # a hopeless limit plans one row per task; check_worker_memory then refuses it
+
+
+def check_worker_memory(plan: Plan, workers: list[WorkerMemory]) -> None:
+    """Refuse up front a merge whose largest task does not fit a worker's memory limit
+    (the worker would be paused for memory, or killed, over and over)."""
+    need = plan.peak_task_bytes
+    for w in workers:
+        if need > w.per_task():
+            threads = f"{w.threads} thread{'s' if w.threads > 1 else ''}"
+            raise DMergeError(
+                f"a worker's memory limit of {format_bytes(w.limit)} ({threads}) is too small: the largest task of "
+                f"this merge holds {format_bytes(need)} and the worker itself {format_bytes(w.baseline)}; give "
+                f"workers at least {format_bytes(w.limit_for(need))} (or fewer threads, or a smaller --chunk-size)"
+            )
+
+
 def _set_torch_threads(n_tasks_in_parallel: int) -> None:
     # Each Dask thread runs its own task; letting torch also fan out oversubscribes cores.
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, n_tasks_in_parallel)))
+    torch.set_num_threads(torch_threads_for(n_tasks_in_parallel))
 
 
 def run_id(plan: Plan, out_dir: str) -> str:
@@ -126,7 +203,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             threads = sum(client.nthreads().values())
             if not cluster.scheduler:
                 _set_torch_threads(threads)
-            futures = client.get(dsk, keys, sync=False)
+            futures = client.get(dsk, keys, sync=False, retries=cluster.retries or None)
             # the bar counts tensor bytes, what the tasks report (headers are written up front)
             bar = tqdm(total=sum(t.nbytes for t in plan.tensors), unit="B", unit_scale=True, desc="merging",
                        disable=quiet, file=sys.stderr, smoothing=0.1)

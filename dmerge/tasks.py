@@ -22,6 +22,7 @@ from dmerge.io.output import copy_range, write_range
 from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, widen
+from dmerge.worker_env import after_task, register_sizeof
 
 keep_freed_memory()  # workers import this module: tune their allocator once
 
@@ -34,8 +35,11 @@ def _inference(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        with torch.inference_mode():
-            return fn(*args, **kwargs)
+        try:
+            with torch.inference_mode():
+                return fn(*args, **kwargs)
+        finally:
+            after_task()
 
     return run
 
@@ -303,6 +307,8 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
+
+register_sizeof()
 
 __all__ = ["ChunkJob", "Reduction", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
            "vocab_pad_finalize", "context_of", "read_rows"]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -91,3 +96,50 @@ def compare_with_mergekit(ours: dict, theirs: dict, reference=None, max_off_frac
             off += int(far.sum())
     assert off <= max_off_fraction * total, f"{off} of {total} elements differ from mergekit"
     return off
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def dask_cluster(n_workers: int = 2, nthreads: int = 1, memory_limit: str = "1GB", worker_args: tuple = (),
+                 pythonpath: tuple = ()):
+    """A real `dask scheduler` and `dask worker` processes on 127.0.0.1, stopped after.
+    Yields (address, the worker command's process)."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    paths = [*pythonpath, os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--no-dashboard"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers",
+                                   str(n_workers), "--nthreads", str(nthreads), "--no-dashboard", "--memory-limit",
+                                   memory_limit, *worker_args], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        from distributed import Client
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                with Client(address, timeout="5s") as c:
+                    if len(c.scheduler_info()["workers"]) >= n_workers:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("dask cluster did not start")
+            time.sleep(0.5)
+        yield address, procs[1]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()

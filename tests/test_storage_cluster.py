@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from conftest import run_merge, shard_bytes, write_recipe
+from conftest import dask_cluster, run_merge, shard_bytes, write_recipe
 
 
 class CountingMemoryFS(MemoryFileSystem):
@@ -71,47 +69,11 @@ def test_fsspec_parents_read_by_range(family, tmp_path):
     assert tensor_bytes <= CountingMemoryFS.bytes_served < tensor_bytes * 1.05
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def external_cluster():
     """A `dask scheduler` and a `dask worker` (2 processes) on 127.0.0.1, stopped after."""
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(os.path.dirname(__file__))] + sys.path)}
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", str(port), "--no-dashboard"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
-                                   "--nthreads", "1", "--no-dashboard", "--memory-limit", "1GB"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    try:
-        from distributed import Client
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                with Client(address, timeout="5s") as c:
-                    if len(c.scheduler_info()["workers"]) >= 2:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("dask cluster did not start")
-            time.sleep(0.5)
+    with dask_cluster(n_workers=2, nthreads=1, memory_limit="1GB") as (address, _):
         yield address
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_external_scheduler_same_bytes(family, tmp_path, external_cluster):
