@@ -85,10 +85,11 @@ class SlowMerge:
         return [sys.executable, "-c", "import slowfs; from dmerge.cli import main; main()", "run", self.recipe,
                 self.out, *OPTIONS, *extra]
 
-    def interrupt(self, sig: int, after_units: int = 5) -> tuple[int, str]:
-        """Start the merge, wait until the journal holds ``after_units`` units, send ``sig``."""
-        proc = subprocess.Popen(self.command(), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    def interrupt(self, sig: int, after_units: int = 5, delay: float = 0.05) -> tuple[int, str]:
+        """Start the merge (each ranged read ``delay`` s), wait until the journal holds
+        ``after_units`` units, send ``sig``."""
+        proc = subprocess.Popen(self.command(), env={**self.env, "SLOWFS_DELAY": str(delay)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.time() + 60
             journal = os.path.join(self.out, JOURNAL_NAME)
@@ -137,7 +138,7 @@ def _assert_finished_like(out: str, reference: str) -> None:
 
 def test_sigterm_leaves_an_unfinished_folder_that_resumes_to_the_same_bytes(family, tmp_path):
     merge = SlowMerge(tmp_path, family)
-    code, err = merge.interrupt(signal.SIGTERM, after_units=100)
+    code, err = merge.interrupt(signal.SIGTERM, after_units=100, delay=0.02)
     assert code == 143, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("terminated") and "--resume" in last and merge.out in last, err
