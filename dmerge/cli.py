@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -105,6 +106,9 @@ MERGE_OPTIONS = [
                       "are replaced and their tasks rerun regardless."),
     click.option("--overwrite", is_flag=True,
                  help="Replace the model in an OUT_DIR that already holds one (once the new merge is complete)."),
+    click.option("--resume", is_flag=True,
+                 help="Continue the interrupted merge in OUT_DIR: write only what its journal does not show done "
+                      "(an absent or empty OUT_DIR starts afresh)."),
     click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1)."),
 ]
 
@@ -191,7 +195,7 @@ def _apply(options: list, fn):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, SLURM, Kubernetes, systemd): handled like Ctrl-C, so a merge
-    stops promptly and removes what it wrote."""
+    stops promptly and leaves its folder unfinished, to be continued with --resume."""
 
 
 def _on_sigterm(signum, frame):
@@ -291,12 +295,11 @@ def _friendly_errors(fn):
             previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
-        except Terminated:
-            click.echo("terminated", err=True)
-            sys.exit(143)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            # one line, starting with the word; a merge adds how to continue it
+            word = "terminated" if isinstance(e, Terminated) else "interrupted"
+            click.echo("; ".join([word] + getattr(e, "__notes__", [])), err=True)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
         except Exception as e:
             if debug:
                 traceback.print_exc()
@@ -368,9 +371,41 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
     )
     check_worker_memory(plan, workers)
     result = run_plan(plan, out_dir, cluster=cluster, quiet=o["quiet"], copy_tokenizer=o["copy_tokenizer"],
-                      write_model_card=o["write_model_card"], overwrite=o["overwrite"])
+                      write_model_card=o["write_model_card"], overwrite=o["overwrite"], resume=o["resume"],
+                      resume_command=_resume_command())
     if not o["quiet"]:
         click.echo(describe_result(result))  # stdout, for scripts; progress and logs stay on stderr
+
+
+def _resume_command() -> str | None:
+    """The command line that continues this merge: the command as given, with --resume
+    (rebuilt from click's context, so it holds the options given on the command line)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    root = ctx.find_root().info_name
+    words = ctx.command_path.split()
+    if root not in ("dmerge", "dmerge-yaml") and not root.startswith("python"):
+        words[:len(root.split())] = ["dmerge"]  # e.g. click's test runner
+    arguments, options = [], []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            arguments.append(str(value))
+        elif param.name not in ("resume", "debug") and \
+                ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+            name = max(param.opts, key=len)
+            if param.count:
+                options += [name] * value
+            elif param.is_flag and not value:
+                options += param.secondary_opts[:1]
+            elif param.is_flag:
+                options.append(name)
+            else:
+                options += [name, str(value)]
+    return shlex.join(words + arguments + options + ["--resume"])
 
 
 @click.group()

@@ -23,7 +23,9 @@ from dmerge.errors import DMergeError, MergeExecutionError
 from dmerge.graph import build_graph
 from dmerge.io import storage
 from dmerge.io.model_source import TOKENIZER_FILES
-from dmerge.io.output import LocalOutput
+from dmerge.io.journal import (JOURNAL_FORMAT, JOURNAL_NAME, Journal, WriteUnit, read_journal, remove_journal,
+                               write_marker)
+from dmerge.io.output import LocalOutput, checksum_range
 from dmerge.plan import Plan
 from dmerge.units import format_bytes
 from dmerge.worker_env import WorkerSetup, host_task_threads, torch_threads_for, usable_cores
@@ -46,6 +48,8 @@ class RunResult:
     bytes_read: int
     bytes_written: int
     n_tasks: int
+    units: int = 0  # write units of the plan
+    units_resumed: int | None = None  # of them, done by an earlier run and verified (resumed runs only)
 
 
 @contextlib.contextmanager
@@ -182,22 +186,48 @@ def run_id(plan: Plan, out_dir: str) -> str:
 
 
 def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None, quiet: bool = False,
-             copy_tokenizer: bool = True, write_model_card: bool = True, overwrite: bool = False) -> RunResult:
-    """Execute the plan into ``out_dir``; on any failure, remove what was written.
+             copy_tokenizer: bool = True, write_model_card: bool = True, overwrite: bool = False,
+             resume: bool = False, resume_command: str | None = None) -> RunResult:
+    """Execute the plan into ``out_dir``.
 
     A folder that already holds model weights is refused unless ``overwrite``; with it,
     the earlier weights are removed only once the new ones are complete.
+
+    While the merge runs, the folder holds a journal of the finished write units and a
+    note that the merge is unfinished, with ``resume_command`` (see
+    :mod:`dmerge.io.journal`). Interrupted (Ctrl-C, SIGTERM; or killed), the folder is
+    left unfinished: ``resume`` continues it, writing only what the journal does not
+    vouch for (:func:`verified_units`). Any other failure removes what was written.
+    ``resume`` on an absent or empty folder starts afresh.
     """
     from distributed import as_completed
     from tqdm import tqdm
 
     cluster = cluster or ClusterOptions()
     output = LocalOutput(out_dir, overwrite=overwrite)
+    rid = run_id(plan, out_dir)
     start = time.perf_counter()
+    journal = None
+    resuming = resume and _check_resumable(output.folder)
     try:
-        output.prepare(plan.shards)
+        header = journal_header(plan, rid)
+        done: list[WriteUnit] = []
+        if resuming:
+            earlier, units = read_journal(output.folder)
+            if earlier.get("fingerprint") != header["fingerprint"]:
+                raise DMergeError(
+                    f"the unfinished merge in {output.folder} was planned differently (the recipe, a parent "
+                    f"model or an option changed since it started: plan {earlier.get('fingerprint')}, now "
+                    f"{header['fingerprint']}); resume with the original command, or pass --overwrite "
+                    "instead of --resume to start again")
+            fresh = output.prepare(plan.shards, resume=True)
+            done = verified_units(plan, output, [u for u in units if u.shard not in fresh])
+        else:
+            output.prepare(plan.shards)
+        journal = Journal(output.folder, header, done)
+        write_marker(output.folder, resume_command)
         paths = [output.shard_path(s.name) for s in plan.shards]
-        dsk, keys = build_graph(plan, paths, run_id(plan, out_dir))
+        dsk, keys = build_graph(plan, paths, rid, done={(u.t, u.c) for u in done})
         bytes_read = bytes_written = 0
         with dask_client(cluster, quiet=quiet) as client:
             threads = sum(client.nthreads().values())
@@ -205,15 +235,16 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
                 _set_torch_threads(threads)
             futures = client.get(dsk, keys, sync=False, retries=cluster.retries or None)
             # the bar counts tensor bytes, what the tasks report (headers are written up front)
-            bar = tqdm(total=sum(t.nbytes for t in plan.tensors), unit="B", unit_scale=True, desc="merging",
-                       disable=quiet, file=sys.stderr, smoothing=0.1)
+            bar = tqdm(total=sum(t.nbytes for t in plan.tensors), initial=sum(u.length for u in done), unit="B",
+                       unit_scale=True, desc="merging", disable=quiet, file=sys.stderr, smoothing=0.1)
             try:
                 for fut in as_completed(futures):
                     if fut.status == "error":
                         exc = fut.exception()
                         client.cancel(futures)
                         raise exc
-                    r, w = fut.result()
+                    r, w, checksum = fut.result()
+                    journal.record(_unit(plan, fut.key, w, checksum))
                     bytes_read += r
                     bytes_written += w
                     bar.update(w)
@@ -221,13 +252,90 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
                 bar.close()
         output.commit_shards(plan.shards)
         finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+        journal.close()
+        remove_journal(output.folder)  # the index is written: the folder is complete
     except BaseException as e:
-        output.abort()
+        if journal is not None:
+            journal.close()
+        if isinstance(e, KeyboardInterrupt) and (journal is not None or resuming):
+            # Left unfinished on purpose: partial shards, journal and marker stay.
+            # a note (what add_note does on Python >= 3.11) the command line prints
+            e.__notes__ = [*getattr(e, "__notes__", []), f"the unfinished merge in {output.folder} can be continued: "
+                           f"{resume_command or 'run the same command with --resume'}"]
+            raise
+        if journal is not None or not resuming:  # a resume that failed before starting leaves the folder as it was
+            output.abort()
+            if journal is not None:
+                remove_journal(output.folder)
         if isinstance(e, (DMergeError, KeyboardInterrupt)) or not isinstance(e, Exception):
             raise
         raise MergeExecutionError(f"merge failed: {one_line(e)}") from e
     header_bytes = sum(len(s.header) for s in plan.shards)
-    return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written + header_bytes, len(dsk))
+    return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written + header_bytes, len(dsk),
+                     units=sum(t.n_chunks for t in plan.tensors), units_resumed=len(done) if resuming else None)
+
+
+def _check_resumable(folder: str) -> bool:
+    """With --resume: True if ``folder`` holds a journal to resume from; False if it is
+    absent or empty (the merge starts afresh); else a one-line error."""
+    if os.path.exists(os.path.join(folder, JOURNAL_NAME)):
+        return True
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    if not names:
+        return False
+    if "model.safetensors.index.json" in names:
+        raise DMergeError(f"{folder} holds a finished merge; there is nothing to resume")
+    raise DMergeError(f"there is no unfinished dmerge merge in {folder} to resume ({JOURNAL_NAME} is missing); "
+                      "run without --resume")
+
+
+def journal_header(plan: Plan, rid: str) -> dict:
+    """The journal's first line: what the run is (see :mod:`dmerge.io.journal`)."""
+    from dmerge import __version__
+
+    return {"dmerge_journal": JOURNAL_FORMAT, "fingerprint": plan.fingerprint(), "run_id": rid,
+            "dmerge_version": __version__, "checksum": "crc32",
+            "shards": [{"name": s.name, "size": s.size} for s in plan.shards],
+            "units": sum(t.n_chunks for t in plan.tensors)}
+
+
+def _unit(plan: Plan, key: tuple, length: int, checksum: int) -> WriteUnit:
+    """The journal entry of a finished write task, from its key ``(name, t, c)``."""
+    _, t, c = key
+    tp = plan.tensors[t]
+    offset = tp.offset + tp.chunk_rows(c)[0] * tp.row_bytes
+    return WriteUnit(t, c, tp.name, plan.shards[tp.shard].name, offset, length, checksum)
+
+
+def verified_units(plan: Plan, output: LocalOutput, units: list[WriteUnit]) -> list[WriteUnit]:
+    """The journaled units that are really done: planned as the journal says (same
+    tensor, shard, offset and length) and whose bytes in the ``.partial`` shard have the
+    journaled checksum. The rest are written again. Reading back costs one read of
+    what was written; it catches writes lost in a crash (the journal may outlive data
+    that was never flushed) and shards changed since."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def planned(u: WriteUnit) -> bool:
+        if not (0 <= u.t < len(plan.tensors)):
+            return False
+        tp = plan.tensors[u.t]
+        if not (0 <= u.c < tp.n_chunks):
+            return False
+        r0, r1 = tp.chunk_rows(u.c)
+        return (u.tensor == tp.name and u.shard == plan.shards[tp.shard].name
+                and u.offset == tp.offset + r0 * tp.row_bytes and u.length == (r1 - r0) * tp.row_bytes)
+
+    def intact(u: WriteUnit) -> bool:
+        try:
+            return checksum_range(output.shard_path(u.shard), u.offset, u.length) == u.crc32
+        except OSError:
+            return False
+
+    candidates = [u for u in units if planned(u)]
+    # zlib.crc32 and pread release the GIL: a few threads read several shards at once
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        ok = list(pool.map(intact, candidates))
+    return [u for u, good in zip(candidates, ok) if good]
 
 
 def one_line(e: BaseException) -> str:
@@ -300,8 +408,10 @@ def _tokenizer_model(plan: Plan) -> str | None:
 
 def describe_result(result: RunResult) -> str:
     rate = result.bytes_read / result.seconds if result.seconds else 0
+    resumed = (f"; resumed: {result.units_resumed} of {result.units} write units were done"
+               if result.units_resumed is not None else "")
     return (f"wrote {result.out_dir}: {format_bytes(result.bytes_written)} in {result.seconds:.1f} s "
-            f"({format_bytes(result.bytes_read)} read, {format_bytes(rate)}/s, {result.n_tasks} tasks)")
+            f"({format_bytes(result.bytes_read)} read, {format_bytes(rate)}/s, {result.n_tasks} tasks{resumed})")
 
 
 __all__ = ["ClusterOptions", "RunResult", "run_plan", "describe_result", "dask_client"]

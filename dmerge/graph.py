@@ -16,6 +16,10 @@ and a resumed run of the same plan has the same keys. With ``r`` the run id:
   ``b`` and the padding means they give; statistics and writes of tensor ``t`` depend
   on them.
 
+A resumed run passes the write units already done (``done``): a tensor whose every chunk
+is done is left out; one with any chunk left gets its statistic and padding tasks again
+(they are not kept between runs) and the writes of the chunks left.
+
 Which of these tasks a tensor has is decided in one place, :func:`tensor_tasks`; the
 plan's task count and byte estimate come from it too.
 """
@@ -83,12 +87,17 @@ def key_names(run_id: str) -> dict[str, str]:
     return {kind: f"dmerge-{kind}-{run_id}" for kind in ("write", "stat", "stats", "vpad", "vpads")}
 
 
-def build_graph(plan, shard_paths: list[str], run_id: str) -> tuple[dict, list[tuple]]:
-    """Return the graph and its output keys (one per chunk write)."""
+def build_graph(plan, shard_paths: list[str], run_id: str,
+                done: set[tuple[int, int]] | frozenset = frozenset()) -> tuple[dict, list[tuple]]:
+    """Return the graph and its output keys (one per chunk write), leaving out the
+    writes of ``done``: (tensor index, chunk index) pairs a resumed run has already."""
     names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []
     for ti, tp in enumerate(plan.tensors):
+        todo = [c for c in range(tp.n_chunks) if (ti, c) not in done]
+        if not todo:
+            continue
         tasks = tensor_tasks(tp)
         path = shard_paths[tp.shard]
         rm = tp.row_map
@@ -120,9 +129,9 @@ def build_graph(plan, shard_paths: list[str], run_id: str) -> tuple[dict, list[t
             reduced = (names["stats"], ti, si)
             dsk[reduced] = (finalize_statistic, light, si, stats_key, partial_keys)
             stats_key = reduced
-        for c, job in enumerate(jobs):
+        for c in todo:
             key = (names["write"], ti, c)
-            # the first chunk's write reports the bytes the tensor's reductions read
-            dsk[key] = (merge_chunk, job, stats_key, pad_key, c == 0)
+            # the first write reports the bytes the tensor's reductions read
+            dsk[key] = (merge_chunk, jobs[c], stats_key, pad_key, c == todo[0])
             outputs.append(key)
     return dsk, outputs

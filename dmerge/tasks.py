@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from dmerge import vocab
 from dmerge.allocator import keep_freed_memory
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
-from dmerge.io.output import copy_range, write_range
+from dmerge.io.output import checksum_range, copy_range, write_range
 from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, widen
@@ -211,43 +212,45 @@ def finalize_statistic(tensor, stat_index: int, prior: Reduction | None, partial
 
 @_inference
 def merge_chunk(job: ChunkJob, stats: Reduction | None = None, pad: Reduction | None = None,
-                report_reductions: bool = False) -> tuple[int, int]:
-    """Merge one chunk and write it to its place. Returns (bytes read, bytes written);
-    with ``report_reductions`` the bytes read also count those the tensor's statistics
-    and padding means read.
+                report_reductions: bool = False) -> tuple[int, int, int]:
+    """Merge one chunk and write it to its place. Returns (bytes read, bytes written,
+    CRC-32 of the bytes written: the client's journal records it, and a resumed run
+    compares it with what the shard holds); with ``report_reductions`` the bytes read
+    also count those the tensor's statistics and padding means read.
 
     With ``stats`` None for a method that needs statistics, the chunk must be the whole
     tensor: the statistics are computed here from the same data (no second read).
     """
     extra = sum(r.bytes_read for r in (stats, pad) if r is not None) if report_reductions else 0
-    nread, nwritten = _merge_chunk(job, _value(stats), _value(pad))
-    return nread + extra, nwritten
+    nread, nwritten, checksum = _merge_chunk(job, _value(stats), _value(pad))
+    return nread + extra, nwritten, checksum
 
 
-def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> tuple[int, int]:
+def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> tuple[int, int, int]:
     tp = job.tensor
     out_offset = tp.offset + job.row_start * tp.row_bytes
     if tp.copy_bytes and job.row_map is not None:
         rows, nread = vocab.gather_bytes(tp.sources, job.row_map, tp.row_bytes)
         data = memoryview(rows.reshape(-1).numpy()) if rows.numel() else memoryview(b"")
-        write_range(job.out_path, out_offset, data)
-        return nread, len(data)
+        return nread, *_write(job, out_offset, data)
     if tp.copy_bytes:
         src = tp.sources[0]
         nbytes = (job.row_stop - job.row_start) * tp.row_bytes
         src_offset = src.entry.begin + job.row_start * src.entry.row_bytes
         if nbytes and not storage.is_url(src.file) and copy_range(src.file, src_offset, job.out_path, out_offset, nbytes):
-            return nbytes, nbytes
+            # The bytes never passed through this process: checksum them where they
+            # landed (in the page cache, just written), so the journal holds what the
+            # shard holds.
+            return nbytes, nbytes, checksum_range(job.out_path, out_offset, nbytes)
         buf, nread = read_rows(src.file, src.entry, job.row_start, job.row_stop)
-        write_range(job.out_path, out_offset, memoryview(buf.numpy()))
-        return nread, nread
+        return nread, *_write(job, out_offset, memoryview(buf.numpy()))
 
     method = get_method(tp.method)
     blockwise = method.elementwise and not method.statistics
     inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs or blockwise)
     if blockwise:
-        return nread, _finish(job, _merge_blockwise(inputs, method, DTYPES[tp.dtype], COMPUTE_DTYPES[job.compute_dtype]),
-                              out_offset)
+        merged = _merge_blockwise(inputs, method, DTYPES[tp.dtype], COMPUTE_DTYPES[job.compute_dtype])
+        return nread, *_finish(job, merged, out_offset)
     needed = method.statistics_for(inputs) if method.statistics else []
     if stats is None and needed:
         # A one-chunk tensor: its statistics from the data already read, by the same
@@ -260,7 +263,15 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
             stats = _statistic_final(stat, [partial], context_of(tp), stats)
     inputs.stats = dict(stats or {})
     result = method.fn(inputs)
-    return nread, _finish(job, round_to(result, DTYPES[tp.dtype]), out_offset)
+    return nread, *_finish(job, round_to(result, DTYPES[tp.dtype]), out_offset)
+
+
+def _write(job: ChunkJob, out_offset: int, data: memoryview) -> tuple[int, int]:
+    """Write ``data`` at its offset; returns (bytes written, their CRC-32). The checksum
+    is taken from the data in memory, before writing: no second pass over the shard."""
+    checksum = zlib.crc32(data)
+    write_range(job.out_path, out_offset, data)
+    return len(data), checksum
 
 
 def _merge_blockwise(inputs: ChunkInputs, method, out_dtype: torch.dtype, compute: torch.dtype) -> torch.Tensor:
@@ -281,8 +292,9 @@ def _merge_blockwise(inputs: ChunkInputs, method, out_dtype: torch.dtype, comput
     return out.reshape(shape)
 
 
-def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int) -> int:
-    """Check the rounded rows and write them at their offset; returns bytes written."""
+def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int) -> tuple[int, int]:
+    """Check the rounded rows and write them at their offset; returns (bytes written,
+    their CRC-32)."""
     tp = job.tensor
     expected = _row_shape(tp, job.row_stop - job.row_start)
     if tuple(out.shape) != expected:
@@ -298,8 +310,7 @@ def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int) -> int:
     expected_bytes = (job.row_stop - job.row_start) * tp.row_bytes
     if len(data) != expected_bytes:
         raise MergeExecutionError(f"{tp.name}: produced {len(data)} bytes, expected {expected_bytes}")
-    write_range(job.out_path, out_offset, data)
-    return len(data)
+    return _write(job, out_offset, data)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

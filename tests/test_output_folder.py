@@ -1,5 +1,6 @@
 """The output folder: never two merges' weights in one folder, space checked up front,
-SIGTERM handled like Ctrl-C, what the user is told is what happened."""
+SIGTERM handled like Ctrl-C (the folder left unfinished, to resume), what the user is
+told is what happened."""
 
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ fsspec.register_implementation("slowfile", SlowLocal, clobber=True)
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_sigterm_stops_promptly_and_leaves_nothing(family, tmp_path, sig, code, word):
+def test_sigterm_stops_promptly_and_leaves_the_merge_unfinished(family, tmp_path, sig, code, word):
     (tmp_path / "slowfs.py").write_text(SLOW_FS)
     slow = {k: f"slowfile://{v}" for k, v in family.items()}
     recipe = write_recipe(tmp_path / "r.yml", LINEAR.format(w1=1.0, **slow))
@@ -146,7 +147,7 @@ def test_sigterm_stops_promptly_and_leaves_nothing(family, tmp_path, sig, code, 
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
-        while not (out.exists() and any(n.endswith(".partial") for n in os.listdir(out))):
+        while not (out / "DMERGE_UNFINISHED").exists():
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.05)
         time.sleep(0.5)  # mid-merge
@@ -158,8 +159,12 @@ def test_sigterm_stops_promptly_and_leaves_nothing(family, tmp_path, sig, code, 
             proc.kill()
     assert proc.returncode == code, err
     assert time.time() - sent < 15
-    assert err.strip().splitlines()[-1] == word, err
-    assert not out.exists(), os.listdir(out)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{word}; the unfinished merge in {out} can be continued: "), err
+    assert last.endswith(" --resume"), err
+    names = os.listdir(out)  # plainly unfinished: partial shards, journal and marker, no index
+    assert {"DMERGE_UNFINISHED", ".dmerge-journal.jsonl"} <= set(names), names
+    assert any(n.endswith(".partial") for n in names) and not any(n.endswith((".json", ".safetensors")) for n in names)
 
 
 def test_index_agrees_with_written_shards(family, tmp_path):

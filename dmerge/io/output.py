@@ -14,9 +14,11 @@ import errno
 import json
 import os
 import shutil
+import zlib
 
 from dmerge.errors import DMergeError
 from dmerge.io import storage
+from dmerge.io.journal import is_unfinished
 from dmerge.io.model_source import TOKENIZER_FILES
 from dmerge.units import format_bytes
 
@@ -64,6 +66,23 @@ def copy_range(src: str, src_offset: int, path: str, offset: int, length: int) -
             os.close(fd)
     finally:
         os.close(src_fd)
+
+
+def checksum_range(path: str, offset: int, length: int) -> int:
+    """CRC-32 of ``length`` bytes of a local file at ``offset`` (read in 16 MiB blocks)."""
+    checksum = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < length:
+            block = os.pread(fd, min(16 << 20, length - done), offset + done)
+            if not block:
+                raise OSError(errno.EIO, f"{path}: unexpected end of file at byte {offset + done}")
+            checksum = zlib.crc32(block, checksum)
+            done += len(block)
+    finally:
+        os.close(fd)
+    return checksum
 
 
 # copy_file_range errors that mean "not here", not "failed".
@@ -129,23 +148,46 @@ class LocalOutput:
     def shard_path(self, name: str) -> str:
         return os.path.join(self.folder, name + PARTIAL_SUFFIX)
 
-    def prepare(self, shards) -> None:
+    def prepare(self, shards, resume: bool = False) -> set[str]:
         """Check the folder and the free space, then create every shard at full size with
-        its header in place (as ``<name>.partial``)."""
+        its header in place (as ``<name>.partial``). Returns the names of the shards
+        created afresh.
+
+        A folder holding an interrupted run (see :mod:`dmerge.io.journal`) is refused
+        unless ``overwrite`` (start again) or ``resume``. With ``resume`` the shards
+        already there are kept where they have the planned size and header (a shard
+        already renamed to its final name, the run having been stopped while finishing,
+        is taken back as ``.partial``); the others are created afresh, so every unit the
+        journal places in them is written again.
+        """
+        if not resume and is_unfinished(self.folder) and not self.overwrite:
+            raise DMergeError(f"an unfinished merge is in {self.folder}; pass --resume to continue it "
+                              "or --overwrite to start again")
         existing = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
         weights = [n for n in existing if is_weight_file(n)]
-        if weights and not self.overwrite:
+        # With resume, weights beside the partials are those an --overwrite run replaces
+        # at its commit (a run could not have started there otherwise).
+        if weights and not self.overwrite and not resume:
             shown = ", ".join(weights[:3]) + (f" and {len(weights) - 3} more" if len(weights) > 3 else "")
             raise DMergeError(
                 f"{self.folder} already holds model weights ({shown}); pass --overwrite to replace them "
                 "(mergekit overwrites an output folder silently; dmerge keeps the earlier model until the "
                 "new merge is complete)"
             )
+        kept: set[str] = set()
+        if resume:
+            for shard in shards:
+                final = os.path.join(self.folder, shard.name)
+                if not os.path.exists(self.shard_path(shard.name)) and _has_layout(final, shard):
+                    os.replace(final, self.shard_path(shard.name))
+                if _has_layout(self.shard_path(shard.name), shard):
+                    kept.add(shard.name)
+            existing = sorted(os.listdir(self.folder))
         self._earlier = [n for n in existing if is_weight_file(n) or n in MERGE_FILES]
         total = sum(shard.size for shard in shards)
         free = disk_free(self.folder)
         leftovers = sum(os.path.getsize(self.shard_path(s.name)) for s in shards
-                        if os.path.isfile(self.shard_path(s.name)))  # an interrupted run's, replaced
+                        if os.path.isfile(self.shard_path(s.name)))  # an interrupted run's, replaced or kept
         if total > free + leftovers:
             raise DMergeError(
                 f"not enough disk space for the output in {self.folder}: it needs {format_bytes(total)} "
@@ -154,13 +196,18 @@ class LocalOutput:
         if not os.path.isdir(self.folder):
             os.makedirs(self.folder)
             self._created_folder = True
+        fresh = set()
         for shard in shards:
             path = self.shard_path(shard.name)
             self._files.append(path)
+            if shard.name in kept:
+                continue
             with open(path, "wb") as f:
                 f.write(shard.header)
                 f.truncate(shard.size)
                 _reserve(f.fileno(), shard.size)
+            fresh.add(shard.name)
+        return fresh
 
     def commit_shards(self, shards) -> None:
         """Give the finished shards their names. An earlier merge's index goes first (the
@@ -202,6 +249,17 @@ class LocalOutput:
         self._files.clear()
         if self._created_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _has_layout(path: str, shard) -> bool:
+    """Whether ``path`` is a file of the shard's planned size that starts with its header."""
+    try:
+        if os.path.getsize(path) != shard.size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(shard.header)) == shard.header
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def _remove(path: str) -> None:
