@@ -9,7 +9,8 @@ and a resumed run of the same plan has the same keys. With ``r`` the run id:
 * ``("dmerge-stat-r", t, s, c)`` / ``("dmerge-stats-r", t, s)``: for methods with
   tensor-wide statistics split over several chunks, the partial of statistic ``s`` over
   chunk ``c`` and its reduction; the write tasks of tensor ``t`` depend on the last
-  reduction. A tensor that is a single chunk computes its statistics inside its write
+  reduction. A statistic that reads only some chunks (``Statistic.reads``) is one
+  ``stats`` task for the whole tensor instead. A tensor that is a single chunk computes its statistics inside its write
   task instead (one read).
 * ``("dmerge-vpad-r", t, b)`` / ``("dmerge-vpads-r", t)``: for a re-indexed vocabulary
   tensor with padding rows (``pad_to_multiple_of``), per-source row sums over fixed block
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 from dmerge.methods import get_method
 from dmerge.tasks import (ChunkJob, compute_statistic, context_of, finalize_statistic, merge_chunk,
-                          vocab_pad_finalize, vocab_pad_partial)
+                          statistic_over_chunks, vocab_pad_finalize, vocab_pad_partial)
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,16 @@ class TensorTasks:
 
     n_chunks: int  # one write task each
     pad_blocks: tuple[tuple[int, int], ...]  # padding-mean blocks (one task each, plus their reduction)
-    statistics: tuple[int, ...]  # statistics run as tasks over the chunks (each: a task per chunk + a reduction)
-    statistics_read: tuple[bool | None, ...]  # per statistic: reads every chunk (True) or only some (None)
+    statistics: tuple[int, ...]  # statistics run as tasks over the chunks
+    # per statistic: reads every chunk (True: a task per chunk + a reduction) or only
+    # some (None: one task for the tensor, which reads the chunks that need it in turn)
+    statistics_read: tuple[bool | None, ...]
 
     @property
     def count(self) -> int:
         pads = len(self.pad_blocks) + 1 if self.pad_blocks else 0
-        return self.n_chunks + pads + len(self.statistics) * (self.n_chunks + 1)
+        stats = sum(self.n_chunks + 1 if reads else 1 for reads in self.statistics_read)
+        return self.n_chunks + pads + stats
 
 
 def tensor_tasks(tp) -> TensorTasks:
@@ -120,13 +124,19 @@ def build_graph(plan, shard_paths: list[str], run_id: str,
             pad_key = (names["vpads"], ti)
             dsk[pad_key] = (vocab_pad_finalize, rm.n_tokens, block_keys)
         stats_key = None
-        for si in tasks.statistics:
+        for si, reads in zip(tasks.statistics, tasks.statistics_read):
+            reduced = (names["stats"], ti, si)
+            if not reads:
+                # a second look that earlier statistics mostly settle (radix select's fine
+                # pass): one task, not one per chunk, keeps the graph small
+                dsk[reduced] = (statistic_over_chunks, jobs, si, stats_key, pad_key)
+                stats_key = reduced
+                continue
             partial_keys = []
             for c, job in enumerate(jobs):
                 key = (names["stat"], ti, si, c)
                 dsk[key] = (compute_statistic, job, si, stats_key, pad_key)
                 partial_keys.append(key)
-            reduced = (names["stats"], ti, si)
             dsk[reduced] = (finalize_statistic, light, si, stats_key, partial_keys)
             stats_key = reduced
         for c in todo:

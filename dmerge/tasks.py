@@ -191,6 +191,15 @@ def compute_statistic(job: ChunkJob, stat_index: int, prior: Reduction | None,
     return _statistic_partial(stat, inputs, earlier), nread
 
 
+def statistic_over_chunks(jobs: list[ChunkJob], stat_index: int, prior: Reduction | None,
+                          pad: Reduction | None = None) -> Reduction:
+    """One statistic of a tensor in one task: each chunk's partial in turn (reading only
+    the chunks whose data it needs), then their reduction; the same value as a task per
+    chunk and a reduction would give."""
+    partials = [compute_statistic(job, stat_index, prior, pad) for job in jobs]
+    return finalize_statistic(jobs[0].tensor, stat_index, prior, partials)
+
+
 def context_of(tensor, stats: dict | None = None, row_start: int = 0, row_stop: int | None = None) -> ChunkInputs:
     """A tensor's resolved parameters as a ChunkInputs without data (for finalize, when,
     reads), for rows ``[row_start, row_stop)`` (default: the whole tensor)."""
