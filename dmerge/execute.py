@@ -50,6 +50,7 @@ class RunResult:
     n_tasks: int
     units: int = 0  # write units of the plan
     units_resumed: int | None = None  # of them, done by an earlier run and verified (resumed runs only)
+    peak_memory: dict = None  # worker address -> peak resident bytes of its process
 
 
 @contextlib.contextmanager
@@ -250,6 +251,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
                     bar.update(w)
             finally:
                 bar.close()
+            peaks = _peak_memory(client)
         output.commit_shards(plan.shards)
         finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
         journal.close()
@@ -272,7 +274,23 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         raise MergeExecutionError(f"merge failed: {one_line(e)}") from e
     header_bytes = sum(len(s.header) for s in plan.shards)
     return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written + header_bytes, len(dsk),
-                     units=sum(t.n_chunks for t in plan.tensors), units_resumed=len(done) if resuming else None)
+                     units=sum(t.n_chunks for t in plan.tensors), units_resumed=len(done) if resuming else None,
+                     peak_memory=peaks)
+
+
+def _peak_process_memory() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _peak_memory(client) -> dict:
+    """Each worker's peak resident memory (its whole process: an in-process worker
+    shares the client's)."""
+    try:
+        return client.run(_peak_process_memory)
+    except Exception:  # a worker lost at the very end: the figure is only informative
+        return {}
 
 
 def _check_resumable(folder: str) -> bool:
@@ -410,7 +428,10 @@ def describe_result(result: RunResult) -> str:
     rate = result.bytes_read / result.seconds if result.seconds else 0
     resumed = (f"; resumed: {result.units_resumed} of {result.units} write units were done"
                if result.units_resumed is not None else "")
-    return (f"wrote {result.out_dir}: {format_bytes(result.bytes_written)} in {result.seconds:.1f} s "
+    peaks = list((result.peak_memory or {}).values())
+    memory = (f", peak worker memory {format_bytes(max(peaks))}" + (f" (of {len(peaks)} workers)" if len(peaks) > 1 else "")
+              if peaks else "")
+    return (f"wrote {result.out_dir}: {format_bytes(result.bytes_written)} in {result.seconds:.1f} s{memory} "
             f"({format_bytes(result.bytes_read)} read, {format_bytes(rate)}/s, {result.n_tasks} tasks{resumed})")
 
 
