@@ -145,3 +145,22 @@ def build_graph(plan, shard_paths: list[str], run_id: str,
             dsk[key] = (merge_chunk, jobs[c], stats_key, pad_key, c == todo[0])
             outputs.append(key)
     return dsk, outputs
+
+
+def waves(dsk: dict, outputs: list[tuple], tasks_per_wave: int) -> list[tuple[dict, list[tuple]]]:
+    """The graph cut into waves of whole tensors (a tensor's tasks depend only on each
+    other), about ``tasks_per_wave`` tasks each, in plan order: submitted one after
+    another, the scheduler starts the first tensors' work while it takes in the rest."""
+    by_tensor: dict[int, dict] = {}
+    for key, task in dsk.items():
+        by_tensor.setdefault(key[1], {})[key] = task
+    outputs_of: dict[int, list] = {}
+    for key in outputs:
+        outputs_of.setdefault(key[1], []).append(key)
+    result: list[tuple[dict, list[tuple]]] = []
+    for ti in sorted(by_tensor):
+        if not result or len(result[-1][0]) >= tasks_per_wave:
+            result.append(({}, []))
+        result[-1][0].update(by_tensor[ti])
+        result[-1][1].extend(outputs_of.get(ti, []))
+    return result
