@@ -342,12 +342,15 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
         recipe = load_recipe(recipe_path, allow_crimes=o["allow_crimes"])
     device = "cpu"
     if o["cuda"]:
-        import torch
+        from dmerge.execute import workers_with_gpu
 
-        if torch.cuda.is_available():
+        # the workers compute: on a cluster, theirs are the GPUs that count
+        if workers_with_gpu(o["scheduler"]):
             device = "cuda"
         else:
-            click.echo("warning: --cuda given but no GPU is available; computing on CPU", err=True)
+            where = "on the cluster's workers" if o["scheduler"] else ""
+            click.echo(f"warning: --cuda given but no GPU is available{' ' + where if where else ''}; "
+                       "computing on CPU", err=True)
     cluster = ClusterOptions(
         scheduler=o["scheduler"],
         workers=o["workers"],

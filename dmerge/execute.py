@@ -159,6 +159,23 @@ def worker_memory(options: ClusterOptions) -> list[WorkerMemory]:
     return [WorkerMemory(limit, threads, baseline)] * workers
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def workers_with_gpu(scheduler: str | None) -> int:
+    """How many workers can compute on a GPU: those of the scheduler's cluster, or this
+    process (the local cluster's workers run here or on this machine)."""
+    if not scheduler:
+        return int(_cuda_available())
+    from distributed import Client
+
+    with Client(scheduler, timeout="30s") as client:
+        return sum(bool(v) for v in client.run(_cuda_available).values())
+
+
 def chunk_budget(workers: list[WorkerMemory], default: int) -> int:
     """The per-task memory budget the smallest worker allows (at most ``default``)."""
     budget = min([default] + [w.per_task() for w in workers])

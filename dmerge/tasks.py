@@ -65,6 +65,14 @@ class ChunkJob:
     row_map: Any = None
 
 
+def compute_device(wanted: str) -> str:
+    """The device a task computes on: ``cuda`` where this worker has a GPU, else the CPU
+    (on a cluster some workers may have none; the bytes are the same either way)."""
+    if wanted != "cpu" and not torch.cuda.is_available():
+        return "cpu"
+    return wanted
+
+
 def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Tensor, int]:
     """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor): one ranged
     read, or for a local file a private memory map of that range."""
@@ -100,18 +108,19 @@ def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False)
     tp = job.tensor
     dtype = COMPUTE_DTYPES[job.compute_dtype]
     shape = _row_shape(tp, job.row_stop - job.row_start)
+    device = compute_device(job.device)
     tensors = []
     nread = 0
     if job.row_map is not None:
         rest = tuple(tp.shape[1:])
         if job.row_map.has_padding and pad_means is None and job.row_map.stop > job.row_map.n_tokens:
             pad_means = _whole_tensor_pad_means(job)
-        tensors, nread = vocab.assemble(tp.sources, job.row_map, rest, dtype, job.device, pad_means)
+        tensors, nread = vocab.assemble(tp.sources, job.row_map, rest, dtype, device, pad_means)
     else:
         for src in tp.sources:
             buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
             nread += n
-            t = _as_tensor(buf, src.entry.dtype, shape).to(job.device)
+            t = _as_tensor(buf, src.entry.dtype, shape).to(device)
             tensors.append(t if raw else widen(t, dtype))
     inputs = ChunkInputs(
         tensor_name=tp.name,

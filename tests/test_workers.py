@@ -196,3 +196,29 @@ def test_environment_trim_threshold_is_kept(monkeypatch):
 def _no_leftover_threads():
     yield
     assert threading.active_count() < 50
+
+
+def test_cuda_on_a_cluster_without_gpus_warns_once_and_computes_on_cpu(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", RECIPE.format(**family))
+    run_merge(recipe, str(tmp_path / "local"))
+    with dask_cluster(n_workers=1, nthreads=2) as (address, _):
+        result = CliRunner().invoke(main, ["run", recipe, str(tmp_path / "out"), "-q", "--cuda", "--scheduler",
+                                           address])
+    assert result.exit_code == 0, result.output
+    warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "workers" in warnings[0], result.stderr
+    assert shard_bytes(str(tmp_path / "local")) == shard_bytes(str(tmp_path / "out"))
+
+
+def test_a_cuda_task_on_a_worker_without_gpu_computes_on_cpu(family, tmp_path, monkeypatch):
+    """A plan made for GPUs whose task lands on a CPU-only worker gives the same bytes."""
+    import dmerge.tasks as tasks
+    from dmerge.execute import run_plan
+    from dmerge.plan import build_plan
+    from dmerge.recipe import load_recipe
+
+    monkeypatch.setattr(tasks.torch.cuda, "is_available", lambda: False)
+    recipe = load_recipe(RECIPE.format(**family), is_text=True)
+    run_plan(build_plan(recipe, chunk_bytes=16 << 10), str(tmp_path / "cpu"), quiet=True)
+    run_plan(build_plan(recipe, chunk_bytes=16 << 10, device="cuda"), str(tmp_path / "cuda"), quiet=True)
+    assert shard_bytes(str(tmp_path / "cpu")) == shard_bytes(str(tmp_path / "cuda"))
