@@ -83,7 +83,7 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
                 link = getattr(client, "dashboard_link", None)
                 if link and options.scheduler is None and importlib.util.find_spec("bokeh") is None:
                     link += " (needs bokeh: pip install 'dmerge[dashboard]')"
-                where = options.scheduler or _describe_local(cluster, options.processes)
+                where = options.scheduler or _describe_local(client, options.processes)
                 print(f"dask: {where}; dashboard: {link or 'unavailable'}", file=sys.stderr)
             yield client
         finally:
@@ -92,13 +92,13 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
                 cluster.close()
 
 
-def _describe_local(cluster, processes: bool) -> str:
-    workers = list(cluster.workers.values())
-    threads = getattr(workers[0], "nthreads", None) if workers else None
-    n = len(workers)
+def _describe_local(client, processes: bool) -> str:
+    threads = list(client.nthreads().values())
+    n = len(threads)
     what = (f"{n} worker process{'es' if n != 1 else ''}" if processes
             else f"in-process, {n} worker{'s' if n != 1 else ''}")
-    return f"local cluster ({what}" + (f" x {threads} thread{'s' if threads != 1 else ''})" if threads else ")")
+    each = f" x {threads[0]} thread{'s' if threads[0] != 1 else ''}" if threads and len(set(threads)) == 1 else ""
+    return f"local cluster ({what}{each})"
 
 
 # Tasks submitted to the scheduler at once. It takes in a graph at about 0.5 ms per task

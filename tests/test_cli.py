@@ -133,3 +133,20 @@ def test_methods_shows_descriptions_defaults_and_per_model_parameters():
     assert "linear: Weighted sum of all sources (the base model too, if it has a weight)." in lines
     assert any(line.split()[:4] == ["weight", "per", "model,", "required"] for line in lines)  # linear's: base too
     assert any(line.split()[:3] == ["scale", "per", "model,"] and "optional" in line for line in lines)
+
+
+def test_cluster_line_names_what_runs(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", f"""
+merge_method: linear
+models:
+  - model: {family['ft1']}
+    parameters: {{weight: 1.0}}
+  - model: {family['ft2']}
+    parameters: {{weight: 1.0}}
+""")
+    procs = CliRunner().invoke(main, ["run", recipe, str(tmp_path / "p"), "--processes", "--workers", "2",
+                                      "--threads-per-worker", "1"])
+    assert procs.exit_code == 0, procs.output
+    assert "local cluster (2 worker processes x 1 thread)" in procs.stderr
+    threads = CliRunner().invoke(main, ["run", recipe, str(tmp_path / "t"), "--threads-per-worker", "2"])
+    assert "local cluster (in-process, 1 worker x 2 threads)" in threads.stderr
