@@ -136,7 +136,7 @@ def main() -> None:
         local = _merge(recipe, out)
         reference = _digest(out)
         rows.append((method, "local", local, True))
-        for label, nanny, kill in (("nanny", True, False), ("bare", False, False), ("bare+kill", False, True)):
+        for label, nanny, kill in (("bare", False, False), ("nanny", True, False), ("bare+kill", False, True)):
             cluster = Cluster(cores, nanny, args.memory_limit)
             try:
                 pids = cluster.worker_pids()

@@ -168,7 +168,17 @@ print(held >> 20, (resident_bytes() - base) >> 20)
     assert held > 1000 and after < held / 4, out.stdout
 
 
-def test_environment_trim_threshold_is_kept(monkeypatch):
+def test_memory_goes_back_past_half_the_limit(monkeypatch):
+    import dmerge.allocator as allocator
+
+    trims = []
+    monkeypatch.setattr(allocator, "release_freed_memory", lambda: trims.append(1) or True)
+    monkeypatch.setattr(allocator, "resident_bytes", lambda: 600 << 20)
+    assert not allocator.release_if_above(None) and not allocator.release_if_above(2 << 30)
+    assert allocator.release_if_above(1 << 30) and trims == [1]
+
+
+def test_malloc_tuning_can_be_turned_off(monkeypatch):
     import dmerge.allocator as allocator
 
     calls = []
@@ -178,17 +188,12 @@ def test_environment_trim_threshold_is_kept(monkeypatch):
             calls.append(option)
             return 1
 
-        malloc_trim = None
-
     monkeypatch.setattr(allocator, "_libc", FakeLibc())
     monkeypatch.setattr(allocator, "_done", False)
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.setenv("DMERGE_MALLOC_TUNING", "0")
+    assert not allocator.keep_freed_memory() and calls == []
+    monkeypatch.delenv("DMERGE_MALLOC_TUNING")
     assert allocator.keep_freed_memory()
-    assert calls == [allocator._M_MMAP_THRESHOLD]
-    monkeypatch.setattr(allocator, "_done", False)
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
-    calls.clear()
-    allocator.keep_freed_memory()
     assert calls == [allocator._M_MMAP_THRESHOLD, allocator._M_TRIM_THRESHOLD]
 
 
