@@ -96,7 +96,7 @@ done
 # Poll until the scheduler answers and all workers have registered; give up early if one of
 # the processes died (a port in use, a bad option).
 if ! "$py" - "$address" "$n" "$timeout" "${pids[@]}" <<'EOF'
-import os, sys, time
+import asyncio, os, sys, time
 from distributed import Client
 address, n, timeout, pids = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), [int(p) for p in sys.argv[4:]]
 deadline = time.monotonic() + timeout
@@ -110,15 +110,17 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+async def workers():
+    async with Client(address, asynchronous=True, timeout="5s") as c:
+        return len(await c.nthreads())
 while True:
     dead = [p for p in pids if not alive(p)]
     if dead:
         sys.exit(f"local.sh: a Dask process exited while starting (pid {dead[0]})")
-    try:
-        with Client(address, timeout="2s") as c:
-            if len(c.nthreads()) >= n:
-                sys.exit(0)
-    except (OSError, TimeoutError):
+    try:  # bounded: something else listening on the port may accept and never answer
+        if asyncio.run(asyncio.wait_for(workers(), 10)) >= n:
+            sys.exit(0)
+    except (OSError, asyncio.TimeoutError):
         pass
     if time.monotonic() > deadline:
         sys.exit(f"local.sh: {n} workers did not join {address} within {timeout:g} s")
