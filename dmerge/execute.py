@@ -106,6 +106,9 @@ def _describe_local(client, processes: bool) -> str:
 # first write by half a minute; in waves the work starts after the first.
 TASKS_PER_WAVE = 4000
 
+# How long a merge on an existing cluster waits for its first worker.
+WAIT_FOR_WORKERS_S = 60
+
 # What a worker process holds before any task: the interpreter, torch, distributed
 # (measured: 248 MiB). An in-process worker shares the client's process, whose
 # resident size counts instead where it is larger.
@@ -142,6 +145,11 @@ def worker_memory(options: ClusterOptions) -> list[WorkerMemory]:
         from distributed import Client
 
         with Client(options.scheduler, timeout="30s") as client:
+            try:  # the merge is planned for the workers it will have: wait for the first
+                client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
+            except TimeoutError:
+                raise DMergeError(f"no worker joined the scheduler at {options.scheduler} within "
+                                  f"{WAIT_FOR_WORKERS_S} s; start workers (dask worker {options.scheduler})") from None
             info = client.scheduler_info()["workers"]
         return [WorkerMemory(w.get("memory_limit") or None, int(w.get("nthreads", 1))) for w in info.values()]
     import logging

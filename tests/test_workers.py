@@ -227,3 +227,16 @@ def test_a_cuda_task_on_a_worker_without_gpu_computes_on_cpu(family, tmp_path, m
     run_plan(build_plan(recipe, chunk_bytes=16 << 10), str(tmp_path / "cpu"), quiet=True)
     run_plan(build_plan(recipe, chunk_bytes=16 << 10, device="cuda"), str(tmp_path / "cuda"), quiet=True)
     assert shard_bytes(str(tmp_path / "cpu")) == shard_bytes(str(tmp_path / "cuda"))
+
+
+def test_scheduler_without_workers_is_a_clear_error(family, tmp_path, monkeypatch):
+    import dmerge.execute as execute
+    from distributed import LocalCluster
+
+    monkeypatch.setattr(execute, "WAIT_FOR_WORKERS_S", 2)
+    recipe = write_recipe(tmp_path / "r.yml", RECIPE.format(**family))
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=None) as c:
+        result = CliRunner().invoke(main, ["run", recipe, str(tmp_path / "out"), "-q", "--scheduler",
+                                           c.scheduler_address])
+    assert result.exit_code == 1 and "no worker joined the scheduler" in result.stderr, result.output
+    assert not os.path.exists(tmp_path / "out")
