@@ -143,3 +143,30 @@ def dask_cluster(n_workers: int = 2, nthreads: int = 1, memory_limit: str = "1GB
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+# A module registering ``slowfile://``: local files whose ranged reads of tensor data are
+# slowed down by $SLOWFS_DELAY seconds (a slow object store), so that a merge is still
+# running when a test stops it. Tests write it as ``slowfs.py`` and import or preload it.
+SLOW_FS = '''
+import os
+import time
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class SlowLocal(LocalFileSystem):
+    protocol = "slowfile"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("slowfile://"))
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        if start is not None and start > 4096:
+            time.sleep(float(os.environ.get("SLOWFS_DELAY", "0.05")))
+        return super().cat_file(path, start=start, end=end, **kwargs)
+
+
+fsspec.register_implementation("slowfile", SlowLocal, clobber=True)
+'''

@@ -14,7 +14,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import load_folder, write_recipe
+from conftest import SLOW_FS, load_folder, write_recipe
 from dmerge.cli import main
 
 LINEAR = """
@@ -110,29 +110,6 @@ def test_summary_goes_to_stdout_and_counts_what_happened(family, tmp_path):
     assert "100%" in result.stderr.replace("\r", "\n").splitlines()[-1] or "100%" in result.stderr
 
 
-SLOW_FS = '''
-import time
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
-
-class SlowLocal(LocalFileSystem):
-    """Local files, each ranged read of tensor data slowed down (a slow object store)."""
-
-    protocol = "slowfile"
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        return super()._strip_protocol(path.removeprefix("slowfile://"))
-
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        if start is not None and start > 4096:
-            time.sleep(0.05)
-        return super().cat_file(path, start=start, end=end, **kwargs)
-
-
-fsspec.register_implementation("slowfile", SlowLocal, clobber=True)
-'''
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])

@@ -13,7 +13,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import run_merge, shard_bytes, write_recipe
+from conftest import SLOW_FS, run_merge, shard_bytes, write_recipe
 from dmerge.cli import main
 from dmerge.io.journal import JOURNAL_NAME, MARKER_NAME
 from dmerge.units import parse_size
@@ -29,30 +29,6 @@ models:
 dtype: bfloat16
 """
 
-# Ranged reads of tensor data slowed down by SLOWFS_DELAY seconds (a slow object store),
-# so a merge is still running when the test stops it.
-SLOW_FS = '''
-import os
-import time
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
-
-class SlowLocal(LocalFileSystem):
-    protocol = "slowfile"
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        return super()._strip_protocol(path.removeprefix("slowfile://"))
-
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        if start is not None and start > 4096:
-            time.sleep(float(os.environ.get("SLOWFS_DELAY", "0.05")))
-        return super().cat_file(path, start=start, end=end, **kwargs)
-
-
-fsspec.register_implementation("slowfile", SlowLocal, clobber=True)
-'''
 
 OPTIONS = ["--chunk-size", "4K", "--out-shard-size", "100K"]
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import dask_cluster, run_merge, shard_bytes, write_recipe
+from conftest import SLOW_FS, dask_cluster, run_merge, shard_bytes, write_recipe
 from dmerge.cli import main
 
 RECIPE = """
@@ -86,29 +86,6 @@ def test_small_memory_limit_plans_smaller_chunks(family, tmp_path):
     assert shard_bytes(str(tmp_path / "big")) == shard_bytes(str(tmp_path / "small"))
 
 
-SLOW_FS = '''
-import time
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
-
-class SlowLocal(LocalFileSystem):
-    """Local files whose tensor-data reads are slow (a slow object store)."""
-
-    protocol = "slowfile"
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        return super()._strip_protocol(path.removeprefix("slowfile://"))
-
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        if start is not None and start > 4096:
-            time.sleep(0.03)
-        return super().cat_file(path, start=start, end=end, **kwargs)
-
-
-fsspec.register_implementation("slowfile", SlowLocal, clobber=True)
-'''
 
 
 def test_worker_killed_mid_merge_same_bytes(family, tmp_path):
