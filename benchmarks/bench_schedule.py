@@ -77,7 +77,7 @@ def main() -> None:
 
         client = Client(f"tcp://127.0.0.1:{port}", timeout="60s")
         before = _rss_of(scheduler.pid)
-        first_dsk, first_keys = waves(dsk, keys, TASKS_PER_WAVE)[0]
+        first_dsk, first_keys, _ = waves(dsk, keys, TASKS_PER_WAVE)[0]
         t3 = time.perf_counter()
         first = client.get(first_dsk, first_keys, sync=False)
         while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) < len(first_dsk):

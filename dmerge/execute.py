@@ -174,14 +174,16 @@ def _cuda_available() -> bool:
 
 
 def workers_with_gpu(scheduler: str | None) -> int:
-    """How many workers can compute on a GPU: those of the scheduler's cluster, or this
-    process (the local cluster's workers run here or on this machine)."""
+    """How many workers can compute on a GPU: those of the scheduler's cluster that see
+    one or declare one (``--resources GPU=1``), or this process (the local cluster's
+    workers run here or on this machine)."""
     if not scheduler:
         return int(_cuda_available())
     from distributed import Client
 
     with Client(scheduler, timeout="30s") as client:
-        return sum(bool(v) for v in client.run(_cuda_available).values())
+        declared = {a for a, w in client.scheduler_info()["workers"].items() if w.get("resources", {}).get("GPU")}
+        return len(declared | {a for a, ok in client.run(_cuda_available).items() if ok})
 
 
 def chunk_budget(workers: list[WorkerMemory], default: int) -> int:
@@ -264,13 +266,20 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             threads = sum(client.nthreads().values())
             if not cluster.scheduler:
                 _set_torch_threads(threads)
-            pending = waves(dsk, keys, TASKS_PER_WAVE)
+            # with --cuda on a cluster whose workers declare GPUs (`--resources GPU=1`), the
+            # arithmetic goes to those; byte copies go to any worker
+            gpu_workers = plan.device != "cpu" and any(
+                w.get("resources", {}).get("GPU") for w in client.scheduler_info()["workers"].values())
+            pending = waves(dsk, keys, TASKS_PER_WAVE,
+                            kind_of=lambda ti: "copy" if plan.tensors[ti].copy_bytes else "compute")
             futures = []
             completed = as_completed()
 
             def submit_wave() -> None:
-                wave_dsk, wave_keys = pending.pop(0)
-                submitted = client.get(wave_dsk, wave_keys, sync=False, retries=cluster.retries or None)
+                wave_dsk, wave_keys, kind = pending.pop(0)
+                resources = {"GPU": 1} if gpu_workers and kind == "compute" else None
+                submitted = client.get(wave_dsk, wave_keys, sync=False, retries=cluster.retries or None,
+                                       resources=resources)
                 futures.extend(submitted)
                 completed.update(submitted)
 

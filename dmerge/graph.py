@@ -147,20 +147,24 @@ def build_graph(plan, shard_paths: list[str], run_id: str,
     return dsk, outputs
 
 
-def waves(dsk: dict, outputs: list[tuple], tasks_per_wave: int) -> list[tuple[dict, list[tuple]]]:
+def waves(dsk: dict, outputs: list[tuple], tasks_per_wave: int,
+          kind_of=lambda tensor_index: None) -> list[tuple[dict, list[tuple], object]]:
     """The graph cut into waves of whole tensors (a tensor's tasks depend only on each
     other), about ``tasks_per_wave`` tasks each, in plan order: submitted one after
-    another, the scheduler starts the first tensors' work while it takes in the rest."""
+    another, the scheduler starts the first tensors' work while it takes in the rest.
+    A wave holds tensors of one ``kind_of(tensor index)`` (e.g. arithmetic or byte
+    copies, which may go to different workers); returns (graph, outputs, kind) each."""
     by_tensor: dict[int, dict] = {}
     for key, task in dsk.items():
         by_tensor.setdefault(key[1], {})[key] = task
     outputs_of: dict[int, list] = {}
     for key in outputs:
         outputs_of.setdefault(key[1], []).append(key)
-    result: list[tuple[dict, list[tuple]]] = []
+    result: list[tuple[dict, list[tuple], object]] = []
     for ti in sorted(by_tensor):
-        if not result or len(result[-1][0]) >= tasks_per_wave:
-            result.append(({}, []))
+        kind = kind_of(ti)
+        if not result or len(result[-1][0]) >= tasks_per_wave or result[-1][2] != kind:
+            result.append(({}, [], kind))
         result[-1][0].update(by_tensor[ti])
         result[-1][1].extend(outputs_of.get(ti, []))
     return result

@@ -199,14 +199,14 @@ def test_graph_submitted_in_waves_gives_the_same_bytes(family, tmp_path, monkeyp
     parts = waves(dsk, keys, 20)
     assert len(parts) > 5
     merged = {}
-    for part, outs in parts:
+    for part, outs, _ in parts:
         merged.update(part)
         for task in part.values():  # every key a task names is in its own wave
             deps = [a for a in task[1:] if isinstance(a, tuple) and a in dsk]
             deps += [k for a in task[1:] if isinstance(a, list) for k in a if isinstance(k, tuple) and k in dsk]
             assert all(d in part for d in deps)
         assert set(outs) <= set(part)
-    assert merged == dsk and [k for _, outs in parts for k in outs] == keys
+    assert merged == dsk and [k for _, outs, _ in parts for k in outs] == keys
 
     recipe = write_recipe(tmp_path / "r.yml", TIES.format(**family))
     run_merge(recipe, str(tmp_path / "whole"), "--chunk-size", "8K")

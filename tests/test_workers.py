@@ -217,3 +217,58 @@ def test_scheduler_without_workers_is_a_clear_error(family, tmp_path, monkeypatc
                                            c.scheduler_address])
     assert result.exit_code == 1 and "no worker joined the scheduler" in result.stderr, result.output
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_arithmetic_goes_to_workers_that_declare_a_gpu(family, tmp_path):
+    """--cuda on a cluster where one worker declares `--resources GPU=1`: every
+    arithmetic task runs there (on its CPU here: the bytes are the same), byte copies
+    anywhere."""
+    from distributed import Client
+
+    from dmerge.plan import build_plan
+    from dmerge.recipe import load_recipe
+
+    text = f"""
+merge_method: task_arithmetic
+base_model: {family['base']}
+slices:
+  - sources:
+      - model: {family['base']}
+        layer_range: [0, 2]
+      - model: {family['ft1']}
+        layer_range: [0, 2]
+        parameters: {{weight: 0.5}}
+  - sources:
+      - model: {family['ft2']}
+        layer_range: [2, 4]
+dtype: bfloat16
+"""
+    recipe = write_recipe(tmp_path / "r.yml", text)
+    plan = build_plan(load_recipe(recipe))
+    copies = {ti for ti, t in enumerate(plan.tensors) if t.copy_bytes}
+    assert copies and len(copies) < len(plan.tensors)
+    run_merge(recipe, str(tmp_path / "local"))
+    with dask_cluster(n_workers=1, nthreads=1) as (address, _):
+        gpu = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                "--no-dashboard", "--resources", "GPU=1", "--memory-limit", "1GB"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with Client(address) as client:
+                client.wait_for_workers(2, timeout=60)
+                result = CliRunner().invoke(main, ["run", recipe, str(tmp_path / "out"), "-q", "--cuda",
+                                                   "--scheduler", address])
+                assert result.exit_code == 0, result.output
+
+                def executed(dask_worker):
+                    return [e[0] for e in dask_worker.state.log if len(e) > 2 and e[2] == "executing"
+                            and isinstance(e[0], tuple) and str(e[0][0]).startswith("dmerge-write")]
+
+                ran = client.run(executed)
+                gpu_address = next(a for a, w in client.scheduler_info()["workers"].items()
+                                   if w.get("resources", {}).get("GPU"))
+        finally:
+            gpu.terminate()
+            gpu.wait(timeout=30)
+    on_cpu_worker = [k for a, keys in ran.items() if a != gpu_address for k in keys]
+    assert ran[gpu_address] and all(k[1] in copies for k in on_cpu_worker), on_cpu_worker
+    assert shard_bytes(str(tmp_path / "local")) == shard_bytes(str(tmp_path / "out"))
