@@ -482,7 +482,7 @@ def describe_result(result: RunResult) -> str:
     resumed = (f"; resumed: {result.units_resumed} of {result.units} write units were done"
                if result.units_resumed is not None else "")
     peaks = list((result.peak_memory or {}).values())
-    memory = (f", peak worker memory {format_bytes(max(peaks))}" + (f" (of {len(peaks)} workers)" if len(peaks) > 1 else "")
+    memory = (f", peak worker memory {format_bytes(max(peaks))}" + (f" on the busiest of {len(peaks)} workers" if len(peaks) > 1 else "")
               if peaks else "")
     return (f"wrote {result.out_dir}: {format_bytes(result.bytes_written)} in {result.seconds:.1f} s{memory} "
             f"({format_bytes(result.bytes_read)} read, {format_bytes(rate)}/s, {result.n_tasks} tasks{resumed})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import functools
 import os
 import re
 import signal
@@ -282,3 +283,24 @@ def test_the_resume_command_keeps_the_options_given(family, tmp_path, monkeypatc
     result = CliRunner().invoke(main, ["run", recipe, "some out", *given, "--chunk-size", "4K", "--debug"])
     assert result.exit_code == 0, result.output
     assert seen == [f"dmerge run {recipe} 'some out' --chunk-size 4096 {kept} --resume"]
+
+
+def test_client_killed_on_a_real_cluster_resumes_there(family, tmp_path, monkeypatch):
+    """`dmerge run --scheduler` on a real scheduler and worker processes: SIGKILL the
+    client mid-merge, then --resume on the same cluster: the same bytes, less work."""
+    from conftest import dask_cluster
+
+    merge = SlowMerge(tmp_path, family)
+    monkeypatch.setenv("SLOWFS_DELAY", "0.02")  # the workers read (slowly), during the resume too
+    with dask_cluster(n_workers=2, nthreads=1, worker_args=("--preload", "slowfs"),
+                      pythonpath=(str(tmp_path),)) as (address, _):
+        merge.command = functools.partial(SlowMerge.command, merge, "--scheduler", address)
+        code, _ = merge.interrupt(signal.SIGKILL, after_units=20)
+        assert code == -signal.SIGKILL
+        journaled = _assert_unfinished(merge.out)
+        resumed = merge.resume()
+    assert resumed.returncode == 0, resumed.stderr
+    reference, full = _undisturbed(tmp_path, family)
+    _assert_finished_like(merge.out, reference)
+    done = _summary(resumed.stdout)
+    assert done["resumed"] >= len(journaled) and done["tasks"] < full["tasks"]

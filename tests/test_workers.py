@@ -272,3 +272,13 @@ dtype: bfloat16
     on_cpu_worker = [k for a, keys in ran.items() if a != gpu_address for k in keys]
     assert ran[gpu_address] and all(k[1] in copies for k in on_cpu_worker), on_cpu_worker
     assert shard_bytes(str(tmp_path / "local")) == shard_bytes(str(tmp_path / "out"))
+
+
+def test_hopeless_limit_of_real_workers_is_refused_within_seconds(family, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", RECIPE.format(**family))
+    with dask_cluster(n_workers=1, nthreads=2, memory_limit="350MB") as (address, _):
+        start = time.time()
+        result = CliRunner().invoke(main, ["run", recipe, str(tmp_path / "out"), "-q", "--scheduler", address])
+        elapsed = time.time() - start
+    assert result.exit_code == 1 and "too small" in result.stderr and "at least" in result.stderr, result.output
+    assert elapsed < 10 and not os.path.exists(tmp_path / "out")
