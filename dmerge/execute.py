@@ -51,6 +51,7 @@ class RunResult:
     units: int = 0  # write units of the plan
     units_resumed: int | None = None  # of them, done by an earlier run and verified (resumed runs only)
     peak_memory: dict = None  # worker address -> peak resident bytes of its process
+    reruns: int = 0  # write tasks run again: after a worker died holding them, or retried (--retries)
 
 
 @contextlib.contextmanager
@@ -305,6 +306,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             finally:
                 bar.close()
             peaks = _peak_memory(client)
+            reruns = _reruns(client, keys, cluster.retries)
         output.commit_shards(plan.shards)
         finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
         journal.close()
@@ -328,7 +330,24 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
     header_bytes = sum(len(s.header) for s in plan.shards)
     return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written + header_bytes, len(dsk),
                      units=sum(t.n_chunks for t in plan.tensors), units_resumed=len(done) if resuming else None,
-                     peak_memory=peaks)
+                     peak_memory=peaks, reruns=reruns)
+
+
+def _reruns(client, keys: list, retries: int) -> int:
+    """How many of the run's write tasks ran more than once: lost with a worker that died
+    (the scheduler counts them as suspicious) or retried after an error."""
+    def count(dask_scheduler, keys=None, retries=0):
+        n = 0
+        for key in keys:
+            ts = dask_scheduler.tasks.get(key)
+            if ts is not None and (ts.suspicious or (retries and ts.retries < retries)):
+                n += 1
+        return n
+
+    try:
+        return client.run_on_scheduler(count, keys=list(keys), retries=retries)
+    except Exception:  # informative only
+        return 0
 
 
 def _peak_process_memory() -> int:
@@ -484,6 +503,8 @@ def describe_result(result: RunResult) -> str:
     peaks = list((result.peak_memory or {}).values())
     memory = (f", peak worker memory {format_bytes(max(peaks))}" + (f" on the busiest of {len(peaks)} workers" if len(peaks) > 1 else "")
               if peaks else "")
+    if result.reruns:
+        memory += f", {result.reruns} task{'s' if result.reruns != 1 else ''} rerun"
     return (f"wrote {result.out_dir}: {format_bytes(result.bytes_written)} in {result.seconds:.1f} s{memory} "
             f"({format_bytes(result.bytes_read)} read, {format_bytes(rate)}/s, {result.n_tasks} tasks{resumed})")
 

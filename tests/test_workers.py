@@ -107,7 +107,7 @@ def test_worker_killed_mid_merge_same_bytes(family, tmp_path):
                       pythonpath=(str(tmp_path),)) as (address, _):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path)] + sys.path)}
         proc = subprocess.Popen([sys.executable, "-c", "import slowfs; from dmerge.cli import main; main()", "run",
-                                 recipe, str(tmp_path / "out"), "--scheduler", address, "--chunk-size", "16K", "-q"],
+                                 recipe, str(tmp_path / "out"), "--scheduler", address, "--chunk-size", "16K"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with Client(address) as client:
             deadline = time.time() + 60
@@ -121,6 +121,7 @@ def test_worker_killed_mid_merge_same_bytes(family, tmp_path):
         out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     assert shard_bytes(str(tmp_path / "local")) == shard_bytes(str(tmp_path / "out"))
+    assert " rerun (" in out, out  # the summary counts the tasks the killed worker held
 
 
 def test_freed_memory_goes_back_when_asked():
