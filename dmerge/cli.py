@@ -30,7 +30,7 @@ import warnings
 
 import click
 
-from dmerge.errors import DMergeError, install_warning_format
+from dmerge.errors import DMergeError, Terminated, install_warning_format
 from dmerge.units import SIZE_HELP, parse_size
 
 
@@ -191,11 +191,6 @@ def _apply(options: list, fn):
     for opt in reversed(options):
         fn = opt(fn)
     return fn
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, SLURM, Kubernetes, systemd): handled like Ctrl-C, so a merge
-    stops promptly and leaves its folder unfinished, to be continued with --resume."""
 
 
 def _on_sigterm(signum, frame):

@@ -55,3 +55,8 @@ def install_warning_format() -> None:
 
     show.dmerge_format = True
     warnings.showwarning = show
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, SLURM, Kubernetes, systemd): handled like Ctrl-C, so a merge
+    stops promptly and leaves its folder unfinished, to be continued with --resume."""

@@ -13,13 +13,15 @@ import hashlib
 import importlib.util
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 import yaml
 
-from dmerge.errors import DMergeError, MergeExecutionError
+from dmerge.errors import DMergeError, MergeExecutionError, Terminated
 from dmerge.graph import build_graph, waves
 from dmerge.io import storage
 from dmerge.io.model_source import TOKENIZER_FILES
@@ -91,6 +93,52 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
             client.close()
             if cluster is not None:
                 cluster.close()
+
+
+class _DeferredInterrupts:
+    """Ctrl-C and SIGTERM while the cluster runs the merge: noted by the handler and raised
+    by the client's own loop (:func:`_finished`), never inside Dask's code. Raised
+    there, half-way through starting a cluster, registering a plugin or submitting a
+    graph, the exception left the client waiting forever for futures that would not
+    come. On leaving, the usual handlers are back and a noted signal is raised."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.signum = signum
+
+    def raise_pending(self) -> None:
+        if self.signum is not None:
+            raise Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if exc[0] is None:
+            self.raise_pending()
+        return False
+
+
+def _finished(completed, interrupts: _DeferredInterrupts):
+    """The futures of ``completed`` as they finish, checking for a noted signal between
+    short waits."""
+    while True:
+        interrupts.raise_pending()
+        batch = completed.next_batch(block=False)
+        if batch:
+            yield from batch
+        elif completed.is_empty():
+            return
+        else:
+            time.sleep(0.05)
 
 
 def _describe_local(client, processes: bool) -> str:
@@ -263,7 +311,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         paths = [output.shard_path(s.name) for s in plan.shards]
         dsk, keys = build_graph(plan, paths, rid, done={(u.t, u.c) for u in done})
         bytes_read = bytes_written = 0
-        with dask_client(cluster, quiet=quiet) as client:
+        with _DeferredInterrupts() as interrupts, dask_client(cluster, quiet=quiet) as client:
             threads = sum(client.nthreads().values())
             if not cluster.scheduler:
                 _set_torch_threads(threads)
@@ -291,7 +339,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             bar = tqdm(total=sum(t.nbytes for t in plan.tensors), initial=sum(u.length for u in done), unit="B",
                        unit_scale=True, desc="merging", disable=quiet, file=sys.stderr, smoothing=0.1)
             try:
-                for fut in completed:
+                for fut in _finished(completed, interrupts):
                     if pending and completed.count() < TASKS_PER_WAVE:
                         submit_wave()
                     if fut.status == "error":
