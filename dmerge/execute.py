@@ -30,7 +30,7 @@ from dmerge.io.journal import (JOURNAL_FORMAT, JOURNAL_NAME, Journal, WriteUnit,
 from dmerge.io.output import LocalOutput, checksum_range
 from dmerge.plan import Plan
 from dmerge.units import format_bytes
-from dmerge.worker_env import WorkerSetup, host_task_threads, torch_threads_for, usable_cores
+from dmerge.worker_env import WorkerSetup, host_task_threads, usable_cores
 
 
 @dataclass
@@ -231,8 +231,12 @@ def workers_with_gpu(scheduler: str | None) -> int:
     from distributed import Client
 
     with Client(scheduler, timeout="30s") as client:
-        declared = {a for a, w in client.scheduler_info()["workers"].items() if w.get("resources", {}).get("GPU")}
-        return len(declared | {a for a, ok in client.run(_cuda_available).items() if ok})
+        return len(_gpu_declared(client) | {a for a, ok in client.run(_cuda_available).items() if ok})
+
+
+def _gpu_declared(client) -> set[str]:
+    """Workers that declare a GPU resource (``dask worker --resources GPU=1``)."""
+    return {a for a, w in client.scheduler_info()["workers"].items() if w.get("resources", {}).get("GPU")}
 
 
 def chunk_budget(workers: list[WorkerMemory], default: int) -> int:
@@ -255,16 +259,10 @@ def check_worker_memory(plan: Plan, workers: list[WorkerMemory]) -> None:
             )
 
 
-def _set_torch_threads(n_tasks_in_parallel: int) -> None:
-    # Each Dask thread runs its own task; letting torch also fan out oversubscribes cores.
-    import torch
-
-    torch.set_num_threads(torch_threads_for(n_tasks_in_parallel))
-
-
-def run_id(plan: Plan, out_dir: str) -> str:
+def run_id(plan: Plan, out_dir: str, fingerprint: str | None = None) -> str:
     """The run's identity in graph keys: the plan's fingerprint and where it writes."""
-    return hashlib.sha256(f"{plan.fingerprint()} {os.path.abspath(out_dir)}".encode()).hexdigest()[:16]
+    fingerprint = fingerprint or plan.fingerprint()
+    return hashlib.sha256(f"{fingerprint} {os.path.abspath(out_dir)}".encode()).hexdigest()[:16]
 
 
 def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None, quiet: bool = False,
@@ -287,12 +285,13 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
 
     cluster = cluster or ClusterOptions()
     output = LocalOutput(out_dir, overwrite=overwrite)
-    rid = run_id(plan, out_dir)
+    fingerprint = plan.fingerprint()  # hashes every tensor's sources and row map: once
+    rid = run_id(plan, out_dir, fingerprint)
     start = time.perf_counter()
     journal = None
     resuming = resume and _check_resumable(output.folder)
     try:
-        header = journal_header(plan, rid)
+        header = journal_header(plan, rid, fingerprint)
         done: list[WriteUnit] = []
         if resuming:
             earlier, units = read_journal(output.folder)
@@ -312,13 +311,9 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         dsk, keys = build_graph(plan, paths, rid, done={(u.t, u.c) for u in done})
         bytes_read = bytes_written = 0
         with _DeferredInterrupts() as interrupts, dask_client(cluster, quiet=quiet) as client:
-            threads = sum(client.nthreads().values())
-            if not cluster.scheduler:
-                _set_torch_threads(threads)
             # with --cuda on a cluster whose workers declare GPUs (`--resources GPU=1`), the
             # arithmetic goes to those; byte copies go to any worker
-            gpu_workers = plan.device != "cpu" and any(
-                w.get("resources", {}).get("GPU") for w in client.scheduler_info()["workers"].values())
+            gpu_workers = plan.device != "cpu" and bool(_gpu_declared(client))
             pending = waves(dsk, keys, TASKS_PER_WAVE,
                             kind_of=lambda ti: "copy" if plan.tensors[ti].copy_bytes else "compute")
             futures = []
@@ -427,11 +422,11 @@ def _check_resumable(folder: str) -> bool:
                       "run without --resume")
 
 
-def journal_header(plan: Plan, rid: str) -> dict:
+def journal_header(plan: Plan, rid: str, fingerprint: str) -> dict:
     """The journal's first line: what the run is (see :mod:`dmerge.io.journal`)."""
     from dmerge import __version__
 
-    return {"dmerge_journal": JOURNAL_FORMAT, "fingerprint": plan.fingerprint(), "run_id": rid,
+    return {"dmerge_journal": JOURNAL_FORMAT, "fingerprint": fingerprint, "run_id": rid,
             "dmerge_version": __version__, "checksum": "crc32",
             "shards": [{"name": s.name, "size": s.size} for s in plan.shards],
             "units": sum(t.n_chunks for t in plan.tensors)}

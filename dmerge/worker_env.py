@@ -62,7 +62,9 @@ class WorkerSetup(WorkerPlugin):
     def setup(self, worker) -> None:
         import torch
 
-        host = worker.address.split("://")[-1].rsplit(":", 1)[0]
+        from distributed.comm import get_address_host
+
+        host = get_address_host(worker.address)  # as the scheduler names it (tcp and in-process)
         threads = max(self.threads_by_host.get(host, 0), worker.state.nthreads)
         torch.set_num_threads(torch_threads_for(threads))
 
