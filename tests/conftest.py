@@ -21,6 +21,18 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 TINY = LlamaShape(hidden=64, layers=4, intermediate=96, heads=4, kv_heads=2, vocab=128)
 
+# A ties recipe over the `family` fixture (base + two fine-tunes), statistics and all.
+TIES = """
+merge_method: ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.7, density: 0.4}}
+  - model: {ft2}
+    parameters: {{weight: 0.5, density: 0.6}}
+dtype: bfloat16
+"""
+
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, str]:

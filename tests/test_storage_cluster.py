@@ -10,7 +10,7 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from conftest import dask_cluster, run_merge, shard_bytes, write_recipe
+from conftest import TIES, dask_cluster, run_merge, shard_bytes, write_recipe
 
 
 class CountingMemoryFS(MemoryFileSystem):
@@ -84,16 +84,6 @@ def test_external_scheduler_same_bytes(family, tmp_path, external_cluster):
     assert shard_bytes(str(tmp_path / "local")) == shard_bytes(str(tmp_path / "cluster"))
 
 
-TIES = """
-merge_method: ties
-base_model: {base}
-models:
-  - model: {ft1}
-    parameters: {{weight: 0.7, density: 0.4}}
-  - model: {ft2}
-    parameters: {{weight: 0.5, density: 0.6}}
-dtype: bfloat16
-"""
 
 
 class RangeLog(MemoryFileSystem):

@@ -12,19 +12,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import SLOW_FS, dask_cluster, run_merge, shard_bytes, write_recipe
+from conftest import SLOW_FS, TIES as RECIPE, dask_cluster, run_merge, shard_bytes, write_recipe
 from dmerge.cli import main
 
-RECIPE = """
-merge_method: ties
-base_model: {base}
-models:
-  - model: {ft1}
-    parameters: {{weight: 0.7, density: 0.4}}
-  - model: {ft2}
-    parameters: {{weight: 0.5, density: 0.6}}
-dtype: bfloat16
-"""
 
 
 def test_torch_threads_follow_the_host_share():
