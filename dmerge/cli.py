@@ -110,6 +110,10 @@ MERGE_OPTIONS = [
                  help="Continue the interrupted merge in OUT_DIR: write only what its journal does not show done "
                       "(an absent or empty OUT_DIR starts afresh)."),
     click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1)."),
+    click.option("--storage-options", metavar="JSON|FILE", default=None,
+                 help="fsspec options for remote storage (endpoint_url, key, secret, token, ...), as JSON or a "
+                      "JSON/YAML file: keyed by protocol ({\"s3\": {...}}) or flat for every URL of the run. "
+                      "Passed to the workers, never written to the output."),
 ]
 
 # Every flag of mergekit-yaml 0.1.5 (its MergeOptions fields) and what it does here.
@@ -346,7 +350,9 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
             where = "on the cluster's workers" if o["scheduler"] else ""
             click.echo(f"warning: --cuda given but no GPU is available{' ' + where if where else ''}; "
                        "computing on CPU", err=True)
+    storage_options = _storage_options(o["storage_options"], recipe, out_dir)
     cluster = ClusterOptions(
+        storage_options=storage_options,
         scheduler=o["scheduler"],
         workers=o["workers"],
         threads_per_worker=o["threads_per_worker"],
@@ -375,6 +381,43 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
         click.echo(describe_result(result))  # stdout, for scripts; progress and logs stay on stderr
 
 
+def read_storage_options(value: str | None) -> dict | None:
+    """``--storage-options``: inline JSON, or the path of a JSON or YAML file."""
+    if not value:
+        return None
+    import json
+
+    import yaml
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            with open(value) as f:
+                text = f.read()
+        except OSError as e:
+            raise DMergeError(f"--storage-options: cannot read {value}: {e.strerror or e}") from None
+    try:
+        doc = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise DMergeError(f"--storage-options is not valid JSON or YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise DMergeError("--storage-options must be a JSON object")
+    return doc
+
+
+def _storage_options(value: str | None, recipe, out_dir: str | None) -> dict:
+    """Per-protocol options from ``--storage-options``, set in this process too."""
+    from dmerge.io import storage
+
+    options = read_storage_options(value)
+    if not options:
+        return {}
+    locations = [storage.resolve_location(m, recipe.source_dir) for m in recipe.referenced_models()]
+    per_protocol = storage.storage_options_for(options, locations + ([out_dir] if out_dir else []))
+    storage.configure(per_protocol)
+    return per_protocol
+
+
 def _resume_command() -> str | None:
     """The command line that continues this merge: the command as given, with --resume
     (rebuilt from click's context, so it holds the options given on the command line)."""
@@ -401,6 +444,9 @@ def _resume_command() -> str | None:
                 options += param.secondary_opts[:1]
             elif param.is_flag:
                 options.append(name)
+            elif param.name == "storage_options" and str(value).lstrip().startswith("{"):
+                # credentials never go into the output folder's note
+                options += [name, "<the same storage options>"]
             else:
                 options += [name, str(value)]
     return shlex.join(words + arguments + options + ["--resume"])
@@ -453,16 +499,21 @@ def mergekit_yaml(config_file: str, out_path: str, **options) -> None:
               help="UNSAFE: without a recipe tokenizer, keep only the vocabulary rows all parents have.")
 @click.option("--trust-remote-code/--no-trust-remote-code", default=False,
               help="Let tokenizers that ship their own Python code run it (danger).")
+@click.option("--storage-options", metavar="JSON|FILE", default=None,
+              help="fsspec options for remote parents (as for run).")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1).")
 @_friendly_errors
 def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: str, show_tensors: bool,
-             allow_crimes: bool, unsafe_truncate_embeddings: bool, trust_remote_code: bool) -> None:
+             allow_crimes: bool, unsafe_truncate_embeddings: bool, trust_remote_code: bool,
+             storage_options: str | None) -> None:
     """Print the plan for RECIPE without reading tensor data."""
     install_warning_format()
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
 
-    plan = build_plan(load_recipe(recipe, allow_crimes=allow_crimes), chunk_bytes=chunk_size,
+    parsed = load_recipe(recipe, allow_crimes=allow_crimes)
+    _storage_options(storage_options, parsed, None)
+    plan = build_plan(parsed, chunk_bytes=chunk_size,
                       shard_bytes=out_shard_size, compute_dtype=compute_dtype,
                       unsafe_truncate_embeddings=unsafe_truncate_embeddings, trust_remote_code=trust_remote_code)
     click.echo(plan.summary())

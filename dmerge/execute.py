@@ -22,12 +22,14 @@ from dataclasses import dataclass
 import yaml
 
 from dmerge.errors import DMergeError, MergeExecutionError, Terminated
-from dmerge.graph import build_graph, waves
+from dmerge.graph import build_graph, build_part_graph, part_groups, waves
 from dmerge.io import storage
 from dmerge.io.model_source import TOKENIZER_FILES
 from dmerge.io.journal import (JOURNAL_FORMAT, JOURNAL_NAME, Journal, WriteUnit, read_journal, remove_journal,
                                write_marker)
+from dmerge.io.object_output import ObjectOutput, is_object_store, plan_parts
 from dmerge.io.output import LocalOutput, checksum_range
+from dmerge.io.sinks import LocalShard
 from dmerge.plan import Plan
 from dmerge.units import format_bytes
 from dmerge.worker_env import WorkerSetup, host_task_threads, usable_cores
@@ -41,6 +43,7 @@ class ClusterOptions:
     memory_limit: str | None = "auto"
     processes: bool = False
     retries: int = 0  # extra tries of a task that raised (transient storage errors)
+    storage_options: dict | None = None  # protocol -> fsspec options, set on every worker
 
 
 @dataclass
@@ -81,7 +84,8 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
             )
             client = Client(cluster)
         try:
-            client.register_plugin(WorkerSetup(host_task_threads(client.scheduler_info()["workers"])))
+            client.register_plugin(WorkerSetup(host_task_threads(client.scheduler_info()["workers"]),
+                                               options.storage_options))
             if not quiet:
                 link = getattr(client, "dashboard_link", None)
                 if link and options.scheduler is None and importlib.util.find_spec("bokeh") is None:
@@ -284,38 +288,59 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
     from tqdm import tqdm
 
     cluster = cluster or ClusterOptions()
-    output = LocalOutput(out_dir, overwrite=overwrite)
+    storage.configure(cluster.storage_options or {})
+    to_objects = storage.is_url(out_dir) and is_object_store(out_dir)
+    output = ObjectOutput(out_dir, overwrite=overwrite) if to_objects else LocalOutput(out_dir, overwrite=overwrite)
     fingerprint = plan.fingerprint()  # hashes every tensor's sources and row map: once
     rid = run_id(plan, out_dir, fingerprint)
     start = time.perf_counter()
     journal = None
-    resuming = resume and _check_resumable(output.folder)
+    started = False  # the output holds this run's unfinished state (journal, uploads)
+    resuming = resume and (to_objects or _check_resumable(output.folder))
+    parts = plan_parts(plan) if to_objects else None
     try:
         header = journal_header(plan, rid, fingerprint)
         done: list[WriteUnit] = []
-        if resuming:
-            earlier, units = read_journal(output.folder)
-            if earlier.get("fingerprint") != header["fingerprint"]:
-                raise DMergeError(
-                    f"the unfinished merge in {output.folder} was planned differently (the recipe, a parent "
-                    f"model or an option changed since it started: plan {earlier.get('fingerprint')}, now "
-                    f"{header['fingerprint']}); resume with the original command, or pass --overwrite "
-                    "instead of --resume to start again")
-            fresh = output.prepare(plan.shards, resume=True)
-            done = verified_units(plan, output, [u for u in units if u.shard not in fresh])
+        if to_objects:
+            done_parts = output.begin(plan, header, resume, resume_command, parts)
+            started = True
+            dsk, keys = build_part_graph(plan, parts, output.sinks(plan), rid, done=done_parts)
+            groups = part_groups(parts)
+            done_bytes = sum(p.size for p in parts if (p.shard, p.number) in done_parts)
+            units, units_done = len(parts), len(done_parts)
         else:
-            output.prepare(plan.shards)
-        journal = Journal(output.folder, header, done)
-        write_marker(output.folder, resume_command)
-        paths = [output.shard_path(s.name) for s in plan.shards]
-        dsk, keys = build_graph(plan, paths, rid, done={(u.t, u.c) for u in done})
+            if resuming:
+                earlier, journaled = read_journal(output.folder)
+                if earlier.get("fingerprint") != header["fingerprint"]:
+                    raise DMergeError(
+                        f"the unfinished merge in {output.folder} was planned differently (the recipe, a parent "
+                        f"model or an option changed since it started: plan {earlier.get('fingerprint')}, now "
+                        f"{header['fingerprint']}); resume with the original command, or pass --overwrite "
+                        "instead of --resume to start again")
+                fresh = output.prepare(plan.shards, resume=True)
+                done = verified_units(plan, output, [u for u in journaled if u.shard not in fresh])
+            else:
+                output.prepare(plan.shards)
+            journal = Journal(output.folder, header, done)
+            started = True
+            write_marker(output.folder, resume_command)
+            sinks = [LocalShard(output.shard_path(s.name)) for s in plan.shards]
+            dsk, keys = build_graph(plan, sinks, rid, done={(u.t, u.c) for u in done})
+            groups = None
+            done_bytes = sum(u.length for u in done)
+            units, units_done = sum(t.n_chunks for t in plan.tensors), len(done)
+        header_bytes = sum(len(s.header) for s in plan.shards)
         bytes_read = bytes_written = 0
         with _DeferredInterrupts() as interrupts, dask_client(cluster, quiet=quiet) as client:
             # with --cuda on a cluster whose workers declare GPUs (`--resources GPU=1`), the
             # arithmetic goes to those; byte copies go to any worker
             gpu_workers = plan.device != "cpu" and bool(_gpu_declared(client))
-            pending = waves(dsk, keys, TASKS_PER_WAVE,
-                            kind_of=lambda ti: "copy" if plan.tensors[ti].copy_bytes else "compute")
+            members = {}
+            for t, g in (groups or {}).items():
+                members.setdefault(g, []).append(t)
+            pending = waves(dsk, keys, TASKS_PER_WAVE, group_of=groups,
+                            kind_of=lambda g: "copy" if all(plan.tensors[t].copy_bytes for t in members.get(g, [g]))
+                            else "compute")
             futures = []
             completed = as_completed()
 
@@ -330,9 +355,11 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             submit_wave()
             if pending:
                 submit_wave()  # two waves in flight: the next one is taken in while one runs
-            # the bar counts tensor bytes, what the tasks report (headers are written up front)
-            bar = tqdm(total=sum(t.nbytes for t in plan.tensors), initial=sum(u.length for u in done), unit="B",
-                       unit_scale=True, desc="merging", disable=quiet, file=sys.stderr, smoothing=0.1)
+            # the bar counts output bytes, what the tasks report (local shard headers are
+            # written up front; an upload part carries its shard's header)
+            total = sum(t.nbytes for t in plan.tensors) + (header_bytes if to_objects else 0)
+            bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="merging",
+                       disable=quiet, file=sys.stderr, smoothing=0.1)
             try:
                 for fut in _finished(completed, interrupts):
                     if pending and completed.count() < TASKS_PER_WAVE:
@@ -342,7 +369,8 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
                         client.cancel(futures)
                         raise exc
                     r, w, checksum = fut.result()
-                    journal.record(_unit(plan, fut.key, w, checksum))
+                    if journal is not None:
+                        journal.record(_unit(plan, fut.key, w, checksum))
                     bytes_read += r
                     bytes_written += w
                     bar.update(w)
@@ -350,30 +378,45 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
                 bar.close()
             peaks = _peak_memory(client)
             reruns = _reruns(client, keys, cluster.retries)
-        output.commit_shards(plan.shards)
+        if to_objects:
+            output.commit_shards(plan.shards, parts)
+        else:
+            output.commit_shards(plan.shards)
         finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
-        journal.close()
-        remove_journal(output.folder)  # the index is written: the folder is complete
+        if journal is not None:
+            journal.close()
+            remove_journal(output.folder)  # the index is written: the folder is complete
     except BaseException as e:
         if journal is not None:
             journal.close()
-        if isinstance(e, KeyboardInterrupt) and (journal is not None or resuming):
-            # Left unfinished on purpose: partial shards, journal and marker stay.
+        if isinstance(e, KeyboardInterrupt) and (started or resuming):
+            # Left unfinished on purpose: partial shards and journal (or the uploads and
+            # their run file) and the marker stay.
             # a note (what add_note does on Python >= 3.11) the command line prints
             e.__notes__ = [*getattr(e, "__notes__", []), f"the unfinished merge in {output.folder} can be continued: "
                            f"{resume_command or 'run the same command with --resume'}"]
             raise
-        if journal is not None or not resuming:  # a resume that failed before starting leaves the folder as it was
-            output.abort()
+        if started or not resuming:  # a resume that failed before starting leaves the output as it was
+            _abort(output, e)
             if journal is not None:
                 remove_journal(output.folder)
         if isinstance(e, (DMergeError, KeyboardInterrupt)) or not isinstance(e, Exception):
             raise
         raise MergeExecutionError(f"merge failed: {one_line(e)}") from e
-    header_bytes = sum(len(s.header) for s in plan.shards)
-    return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written + header_bytes, len(dsk),
-                     units=sum(t.n_chunks for t in plan.tensors), units_resumed=len(done) if resuming else None,
+    if not to_objects:
+        bytes_written += header_bytes
+    return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written, len(dsk),
+                     units=units, units_resumed=units_done if resuming else None,
                      peak_memory=peaks, reruns=reruns)
+
+
+def _abort(output, error: BaseException) -> None:
+    """Undo a failed run's output; a failure to clean up is noted on the error, not raised
+    over it."""
+    try:
+        output.abort()
+    except Exception as e:  # noqa: BLE001 - the original error is the one to report
+        error.__notes__ = [*getattr(error, "__notes__", []), f"cleaning up {output.folder} failed too: {one_line(e)}"]
 
 
 def _reruns(client, keys: list, retries: int) -> int:

@@ -31,8 +31,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from dmerge.methods import get_method
-from dmerge.tasks import (ChunkJob, compute_statistic, context_of, finalize_statistic, merge_chunk,
-                          statistic_over_chunks, vocab_pad_finalize, vocab_pad_partial)
+from dmerge.tasks import (ChunkJob, PartJob, compute_statistic, context_of, finalize_statistic, merge_chunk,
+                          statistic_over_chunks, upload_part, vocab_pad_finalize, vocab_pad_partial)
 
 
 @dataclass(frozen=True)
@@ -88,13 +88,14 @@ def estimate_reads(plan) -> tuple[int, int]:
 
 def key_names(run_id: str) -> dict[str, str]:
     """The key name of each kind of task, for one run."""
-    return {kind: f"dmerge-{kind}-{run_id}" for kind in ("write", "stat", "stats", "vpad", "vpads")}
+    return {kind: f"dmerge-{kind}-{run_id}" for kind in ("write", "part", "stat", "stats", "vpad", "vpads")}
 
 
-def build_graph(plan, shard_paths: list[str], run_id: str,
+def build_graph(plan, sinks: list, run_id: str,
                 done: set[tuple[int, int]] | frozenset = frozenset()) -> tuple[dict, list[tuple]]:
     """Return the graph and its output keys (one per chunk write), leaving out the
-    writes of ``done``: (tensor index, chunk index) pairs a resumed run has already."""
+    writes of ``done``: (tensor index, chunk index) pairs a resumed run has already.
+    ``sinks``: where each shard's bytes go (see :mod:`dmerge.io.sinks`)."""
     names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []
@@ -102,43 +103,8 @@ def build_graph(plan, shard_paths: list[str], run_id: str,
         todo = [c for c in range(tp.n_chunks) if (ti, c) not in done]
         if not todo:
             continue
-        tasks = tensor_tasks(tp)
-        path = shard_paths[tp.shard]
-        rm = tp.row_map
-        # Tasks carry the tensor without its (vocabulary-sized) row map, and only the
-        # window of the map their rows need.
-        light = dataclasses.replace(tp, row_map=None) if rm is not None else tp
-        jobs = []
-        for c in range(tp.n_chunks):
-            r0, r1 = tp.chunk_rows(c)
-            jobs.append(ChunkJob(light, r0, r1, out_path=path, compute_dtype=plan.compute_dtype,
-                                 device=plan.device, seed=plan.seed, allow_nan=plan.allow_nan,
-                                 row_map=rm.window(r0, r1) if rm is not None else None))
-        pad_key = None
-        if tasks.pad_blocks:
-            block_keys = []
-            for b, (a, z) in enumerate(tasks.pad_blocks):
-                key = (names["vpad"], ti, b)
-                dsk[key] = (vocab_pad_partial, light, rm.window(a, z))
-                block_keys.append(key)
-            pad_key = (names["vpads"], ti)
-            dsk[pad_key] = (vocab_pad_finalize, rm.n_tokens, block_keys)
-        stats_key = None
-        for si, reads in zip(tasks.statistics, tasks.statistics_read):
-            reduced = (names["stats"], ti, si)
-            if not reads:
-                # a second look that earlier statistics mostly settle (radix select's fine
-                # pass): one task, not one per chunk, keeps the graph small
-                dsk[reduced] = (statistic_over_chunks, jobs, si, stats_key, pad_key)
-                stats_key = reduced
-                continue
-            partial_keys = []
-            for c, job in enumerate(jobs):
-                key = (names["stat"], ti, si, c)
-                dsk[key] = (compute_statistic, job, si, stats_key, pad_key)
-                partial_keys.append(key)
-            dsk[reduced] = (finalize_statistic, light, si, stats_key, partial_keys)
-            stats_key = reduced
+        jobs = _chunk_jobs(plan, tp, sinks[tp.shard])
+        stats_key, pad_key = _reductions(dsk, names, ti, tp, jobs)
         for c in todo:
             key = (names["write"], ti, c)
             # the first write reports the bytes the tensor's reductions read
@@ -147,19 +113,124 @@ def build_graph(plan, shard_paths: list[str], run_id: str,
     return dsk, outputs
 
 
+def build_part_graph(plan, parts: list, sinks: list, run_id: str,
+                     done: set[tuple[int, int]] | frozenset = frozenset()) -> tuple[dict, list[tuple]]:
+    """The graph of a merge into multipart uploads: one task per upload part
+    (:func:`dmerge.io.object_output.plan_parts`), keyed ``("dmerge-part-r", t, shard,
+    part number)`` with ``t`` its first tensor, which merges the part's write units in
+    memory and uploads them. Parts in ``done`` ((shard, part number) pairs a resumed run
+    finds uploaded) are left out, with the statistics only they needed."""
+    names = key_names(run_id)
+    dsk: dict = {}
+    outputs: list[tuple] = []
+    todo = [p for p in parts if (p.shard, p.number) not in done]
+    needed = sorted({t for p in todo for t, _ in p.members})
+    jobs: dict[int, list[ChunkJob]] = {}
+    reductions: dict[int, tuple] = {}
+    for ti in needed:
+        tp = plan.tensors[ti]
+        jobs[ti] = _chunk_jobs(plan, tp, None)  # the part task gives each job its buffer
+        reductions[ti] = _reductions(dsk, names, ti, tp, jobs[ti])
+    reported: set[int] = set()
+    for p in todo:
+        members = []
+        for ti, c in p.members:
+            members.append([jobs[ti][c], *reductions[ti], ti not in reported])
+            reported.add(ti)
+        header = plan.shards[p.shard].header if p.header else None
+        first = p.members[0][0] if p.members else plan.shards[p.shard].tensors[0]
+        key = (names["part"], first, p.shard, p.number)
+        dsk[key] = (upload_part, PartJob(sinks[p.shard], p.number, p.start, p.stop, header), members)
+        outputs.append(key)
+    return dsk, outputs
+
+
+def part_groups(parts: list) -> dict[int, int]:
+    """Tensor index -> the first tensor of the run of tensors that share upload parts:
+    a part holding the tail of one tensor and the start of the next ties their tasks
+    into one group, which :func:`waves` keeps in one wave."""
+    parent: dict[int, int] = {}
+
+    def root(t: int) -> int:
+        while parent.get(t, t) != t:
+            t = parent[t]
+        return t
+
+    for p in parts:
+        tensors = sorted({t for t, _ in p.members})
+        for t in tensors[1:]:
+            a, b = root(tensors[0]), root(t)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {t: root(t) for t in parent}
+
+
+def _chunk_jobs(plan, tp, sink) -> list[ChunkJob]:
+    """One job per chunk of a planned tensor, writing to ``sink``."""
+    rm = tp.row_map
+    # Jobs carry the tensor without its (vocabulary-sized) row map, and only the window
+    # of the map their rows need.
+    light = dataclasses.replace(tp, row_map=None) if rm is not None else tp
+    jobs = []
+    for c in range(tp.n_chunks):
+        r0, r1 = tp.chunk_rows(c)
+        jobs.append(ChunkJob(light, r0, r1, sink=sink, compute_dtype=plan.compute_dtype,
+                             device=plan.device, seed=plan.seed, allow_nan=plan.allow_nan,
+                             row_map=rm.window(r0, r1) if rm is not None else None))
+    return jobs
+
+
+def _reductions(dsk: dict, names: dict, ti: int, tp, jobs: list[ChunkJob]) -> tuple:
+    """Add a tensor's padding-mean and statistic tasks to ``dsk``; returns the keys its
+    writes depend on: (last statistic's reduction, padding means), either None."""
+    tasks = tensor_tasks(tp)
+    rm = tp.row_map
+    light = jobs[0].tensor
+    pad_key = None
+    if tasks.pad_blocks:
+        block_keys = []
+        for b, (a, z) in enumerate(tasks.pad_blocks):
+            key = (names["vpad"], ti, b)
+            dsk[key] = (vocab_pad_partial, light, rm.window(a, z))
+            block_keys.append(key)
+        pad_key = (names["vpads"], ti)
+        dsk[pad_key] = (vocab_pad_finalize, rm.n_tokens, block_keys)
+    stats_key = None
+    for si, reads in zip(tasks.statistics, tasks.statistics_read):
+        reduced = (names["stats"], ti, si)
+        if not reads:
+            # a second look that earlier statistics mostly settle (radix select's fine
+            # pass): one task, not one per chunk, keeps the graph small
+            dsk[reduced] = (statistic_over_chunks, jobs, si, stats_key, pad_key)
+            stats_key = reduced
+            continue
+        partial_keys = []
+        for c, job in enumerate(jobs):
+            key = (names["stat"], ti, si, c)
+            dsk[key] = (compute_statistic, job, si, stats_key, pad_key)
+            partial_keys.append(key)
+        dsk[reduced] = (finalize_statistic, light, si, stats_key, partial_keys)
+        stats_key = reduced
+    return stats_key, pad_key
+
+
 def waves(dsk: dict, outputs: list[tuple], tasks_per_wave: int,
-          kind_of=lambda tensor_index: None) -> list[tuple[dict, list[tuple], object]]:
+          kind_of=lambda tensor_index: None, group_of: dict[int, int] | None = None
+          ) -> list[tuple[dict, list[tuple], object]]:
     """The graph cut into waves of whole tensors (a tensor's tasks depend only on each
     other), about ``tasks_per_wave`` tasks each, in plan order: submitted one after
     another, the scheduler starts the first tensors' work while it takes in the rest.
+    ``group_of`` maps tensors whose tasks depend on each other (upload parts shared by
+    several tensors, :func:`part_groups`) to one group, kept in one wave.
     A wave holds tensors of one ``kind_of(tensor index)`` (e.g. arithmetic or byte
     copies, which may go to different workers); returns (graph, outputs, kind) each."""
+    group_of = group_of or {}
     by_tensor: dict[int, dict] = {}
     for key, task in dsk.items():
-        by_tensor.setdefault(key[1], {})[key] = task
+        by_tensor.setdefault(group_of.get(key[1], key[1]), {})[key] = task
     outputs_of: dict[int, list] = {}
     for key in outputs:
-        outputs_of.setdefault(key[1], []).append(key)
+        outputs_of.setdefault(group_of.get(key[1], key[1]), []).append(key)
     result: list[tuple[dict, list[tuple], object]] = []
     for ti in sorted(by_tensor):
         kind = kind_of(ti)

@@ -19,7 +19,7 @@ from dmerge import vocab
 from dmerge.allocator import keep_freed_memory
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
-from dmerge.io.output import checksum_range, copy_range, write_range
+from dmerge.io.sinks import PartBuffer
 from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, widen
@@ -56,7 +56,7 @@ class ChunkJob:
     tensor: Any  # TensorPlan
     row_start: int
     row_stop: int
-    out_path: str
+    sink: Any  # where the bytes go: a dmerge.io.sinks sink (local shard, upload part, zarr array)
     compute_dtype: str = "float64"
     device: str = "cpu"
     seed: int = 0
@@ -244,31 +244,61 @@ def merge_chunk(job: ChunkJob, stats: Reduction | None = None, pad: Reduction | 
     return nread + extra, nwritten, checksum
 
 
+@dataclass(frozen=True)
+class PartJob:
+    """One object-store upload part: bytes ``[start, stop)`` of a shard, uploaded as part
+    ``number`` through ``sink`` (a :class:`dmerge.io.object_output.ObjectShard`);
+    ``header`` holds the shard header's bytes when the part starts the shard."""
+
+    sink: Any
+    number: int
+    start: int
+    stop: int
+    header: bytes | None = None
+
+
+def upload_part(part: PartJob, members: list) -> tuple[int, int, int]:
+    """Merge the write units of one part into memory and upload them as that part.
+
+    ``members``: ``[job, stats, pad, report_reductions]`` per write unit, in byte order
+    (small tensors grouped, or one chunk of a big one). Returns (bytes read, bytes
+    uploaded, CRC-32 of the part)."""
+    buffer = PartBuffer(part.start, part.stop)
+    if part.header is not None:
+        buffer.place(0, part.header)
+    nread = 0
+    for job, stats, pad, report in members:
+        r, _, _ = merge_chunk(dataclasses.replace(job, sink=buffer), stats, pad, report)
+        nread += r
+    payload = buffer.payload()
+    checksum = zlib.crc32(payload)
+    part.sink.upload(part.number, payload)
+    return nread, len(payload), checksum
+
+
 def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> tuple[int, int, int]:
     tp = job.tensor
-    out_offset = tp.offset + job.row_start * tp.row_bytes
     if tp.copy_bytes and job.row_map is not None:
         rows, nread = vocab.gather_bytes(tp.sources, job.row_map, tp.row_bytes)
         data = memoryview(rows.reshape(-1).numpy()) if rows.numel() else memoryview(b"")
-        return nread, *_write(job, out_offset, data)
+        return nread, *_write(job, data)
     if tp.copy_bytes:
         src = tp.sources[0]
         nbytes = (job.row_stop - job.row_start) * tp.row_bytes
         src_offset = src.entry.begin + job.row_start * src.entry.row_bytes
-        if nbytes and not storage.is_url(src.file) and copy_range(src.file, src_offset, job.out_path, out_offset, nbytes):
-            # The bytes never passed through this process: checksum them where they
-            # landed (in the page cache, just written), so the journal holds what the
-            # shard holds.
-            return nbytes, nbytes, checksum_range(job.out_path, out_offset, nbytes)
+        if nbytes and not storage.is_url(src.file):
+            checksum = job.sink.copy(tp, job.row_start, src.file, src_offset, nbytes)
+            if checksum is not None:  # the bytes never passed through this process
+                return nbytes, nbytes, checksum
         buf, nread = read_rows(src.file, src.entry, job.row_start, job.row_stop)
-        return nread, *_write(job, out_offset, memoryview(buf.numpy()))
+        return nread, *_write(job, memoryview(buf.numpy()))
 
     method = get_method(tp.method)
     blockwise = method.elementwise and not method.statistics
     inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs or blockwise)
     if blockwise:
         merged = _merge_blockwise(inputs, method, DTYPES[tp.dtype], COMPUTE_DTYPES[job.compute_dtype])
-        return nread, *_finish(job, merged, out_offset)
+        return nread, *_finish(job, merged)
     needed = method.statistics_for(inputs) if method.statistics else []
     if stats is None and needed:
         # A one-chunk tensor: its statistics from the data already read, by the same
@@ -281,14 +311,14 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
             stats = _statistic_final(stat, [partial], context_of(tp), stats)
     inputs.stats = dict(stats or {})
     result = method.fn(inputs)
-    return nread, *_finish(job, round_to(result, DTYPES[tp.dtype]), out_offset)
+    return nread, *_finish(job, round_to(result, DTYPES[tp.dtype]))
 
 
-def _write(job: ChunkJob, out_offset: int, data: memoryview) -> tuple[int, int]:
-    """Write ``data`` at its offset; returns (bytes written, their CRC-32). The checksum
-    is taken from the data in memory, before writing: no second pass over the shard."""
+def _write(job: ChunkJob, data: memoryview) -> tuple[int, int]:
+    """Hand the chunk's bytes to its sink; returns (bytes written, their CRC-32). The
+    checksum is taken from the data in memory, before writing: no second pass over it."""
     checksum = zlib.crc32(data)
-    write_range(job.out_path, out_offset, data)
+    job.sink.write(job.tensor, job.row_start, data)
     return len(data), checksum
 
 
@@ -310,8 +340,8 @@ def _merge_blockwise(inputs: ChunkInputs, method, out_dtype: torch.dtype, comput
     return out.reshape(shape)
 
 
-def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int) -> tuple[int, int]:
-    """Check the rounded rows and write them at their offset; returns (bytes written,
+def _finish(job: ChunkJob, out: torch.Tensor) -> tuple[int, int]:
+    """Check the rounded rows and write them to the job's sink; returns (bytes written,
     their CRC-32)."""
     tp = job.tensor
     expected = _row_shape(tp, job.row_stop - job.row_start)
@@ -328,7 +358,7 @@ def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int) -> tuple[int, int
     expected_bytes = (job.row_stop - job.row_start) * tp.row_bytes
     if len(data) != expected_bytes:
         raise MergeExecutionError(f"{tp.name}: produced {len(data)} bytes, expected {expected_bytes}")
-    return _write(job, out_offset, data)
+    return _write(job, data)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -339,5 +369,5 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 register_sizeof()
 
-__all__ = ["ChunkJob", "Reduction", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
+__all__ = ["ChunkJob", "PartJob", "Reduction", "merge_chunk", "upload_part", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
            "vocab_pad_finalize", "context_of", "read_rows"]

@@ -48,16 +48,19 @@ def host_task_threads(workers: dict) -> dict[str, int]:
 
 
 class WorkerSetup(WorkerPlugin):
-    """Sets torch's thread count on each worker (see the module docstring).
+    """Sets torch's thread count on each worker (see the module docstring), and the run's
+    storage options (credentials, endpoints: fsspec defaults per protocol).
 
     ``threads_by_host``: task threads per host when the merge started; a worker on a host
-    not listed counts its own threads only.
+    not listed counts its own threads only. The options travel inside the plugin, never
+    in a task, so they do not show on the dashboard or in the graph.
     """
 
     name = "dmerge-worker-setup"
 
-    def __init__(self, threads_by_host: dict[str, int]):
+    def __init__(self, threads_by_host: dict[str, int], storage_options: dict | None = None):
         self.threads_by_host = dict(threads_by_host)
+        self.storage_options = dict(storage_options or {})
 
     def setup(self, worker) -> None:
         import torch
@@ -67,6 +70,10 @@ class WorkerSetup(WorkerPlugin):
         host = get_address_host(worker.address)  # as the scheduler names it (tcp and in-process)
         threads = max(self.threads_by_host.get(host, 0), worker.state.nthreads)
         torch.set_num_threads(torch_threads_for(threads))
+        if self.storage_options:
+            from dmerge.io.storage import configure
+
+            configure(self.storage_options)
 
 
 _limit = threading.local()

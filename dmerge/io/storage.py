@@ -4,6 +4,20 @@ Local files use ``os.preadv`` straight into the destination buffer (no extra cop
 GIL released). Everything else goes through fsspec's ``cat_file(path, start, end)``,
 which s3fs and huggingface_hub's ``HfFileSystem`` implement as HTTP Range requests, so
 a slice of a 10 GB shard costs only the bytes of the slice.
+
+Remote reads are made robust here, once, for every backend:
+
+* **retries**: a transient failure (5xx, throttling, a timeout, a connection reset in
+  the middle of a body, a body shorter than asked for) is retried with exponential
+  backoff and jitter, ``DMERGE_READ_RETRIES`` times (default 6, about 30 s in all); a
+  short body is never passed on. A permanent one (404, 403, a bad bucket name) fails at
+  once with one line naming the object.
+* **bounded concurrency**: at most ``DMERGE_MAX_REQUESTS`` (default 16) remote requests
+  at once per process, whatever the number of task threads, so a worker never opens
+  hundreds of connections to one endpoint.
+* **storage options** (credentials, endpoints) reach every process through fsspec's own
+  configuration (:func:`configure`): ``fsspec.filesystem("s3")`` then picks them up, in
+  dmerge and in every other fsspec user in the process.
 """
 
 from __future__ import annotations
@@ -11,10 +25,25 @@ from __future__ import annotations
 import mmap
 import os
 import posixpath
+import random
 import re
-from functools import lru_cache
+import threading
+import time
 
 import fsspec
+
+from dmerge.errors import DMergeError
+
+
+class StorageError(DMergeError, OSError):
+    """A remote object could not be read or written (after retries where that could help)."""
+
+
+READ_RETRIES = int(os.environ.get("DMERGE_READ_RETRIES", "6"))
+BACKOFF_FIRST_S = 0.25
+BACKOFF_MAX_S = 8.0
+MAX_REQUESTS = int(os.environ.get("DMERGE_MAX_REQUESTS", "16"))
+_requests = threading.BoundedSemaphore(max(1, MAX_REQUESTS))
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # "org/name" or "org/name@revision" as mergekit accepts for Hugging Face Hub repos.
@@ -60,9 +89,102 @@ def is_inside(folder: str, relative: str) -> bool:
     return not (norm == ".." or norm.startswith("../") or norm.startswith("/"))
 
 
-@lru_cache(maxsize=64)
-def _filesystem(protocol: str):
-    return fsspec.filesystem(protocol)
+# Errors no retry can fix: the object or bucket is not there, or we may not read it.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Whether a storage error is worth retrying (False) or final (True)."""
+    if isinstance(error, _PERMANENT):
+        return True
+    status = _http_status(error)
+    return status is not None and 400 <= status < 500 and status not in (408, 409, 425, 429)
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status inside a botocore/aiohttp/requests error, where there is one."""
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return int(status) if status else None
+    for attr in ("status", "status_code"):
+        value = getattr(error, attr, None) if response is None else getattr(response, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def describe_error(location: str, error: BaseException) -> str:
+    """One line naming the object and what went wrong with it."""
+    if isinstance(error, FileNotFoundError):
+        return f"{location}: not found (404: no such object, or the bucket/repository does not exist)"
+    if isinstance(error, PermissionError) or _http_status(error) in (401, 403):
+        return (f"{location}: access denied (403: check the credentials, e.g. --storage-options or "
+                "AWS_*/HF_TOKEN in the environment, and that they may read this object)")
+    text = str(error).strip().splitlines()
+    return f"{location}: {type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def with_retries(location: str, attempt, what: str = "read"):
+    """Call ``attempt()`` until it succeeds, retrying transient errors with exponential
+    backoff and jitter; a permanent error, or the last transient one, becomes a
+    :class:`StorageError` naming ``location``."""
+    for n in range(READ_RETRIES + 1):
+        try:
+            with _requests:
+                return attempt()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if isinstance(e, StorageError) or is_permanent(e):
+                raise StorageError(f"cannot {what} {describe_error(location, e)}") from e
+            if n == READ_RETRIES:
+                raise StorageError(f"cannot {what} {describe_error(location, e)} "
+                                   f"(gave up after {READ_RETRIES + 1} tries)") from e
+            delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** n)
+            time.sleep(delay * (0.5 + random.random() / 2))
+    raise AssertionError("unreachable")
+
+
+class ShortRead(OSError):
+    """A body shorter than the range asked for (a connection cut mid-body): retried."""
+
+
+# -- storage options ---------------------------------------------------------------------
+
+def storage_options_for(options: dict | None, locations: list[str]) -> dict[str, dict]:
+    """Per-protocol fsspec options from ``--storage-options``.
+
+    Either keyed by protocol (``{"s3": {...}, "hf": {...}}``) or flat (``{"endpoint_url":
+    ...}``), which then applies to every protocol among ``locations``. Credentials never
+    belong in a recipe: they come from here or from the usual environment.
+    """
+    if not options:
+        return {}
+    if not isinstance(options, dict):
+        raise DMergeError("--storage-options must be a JSON object")
+    known = set(fsspec.available_protocols())
+    if all(k in known and isinstance(v, dict) for k, v in options.items()):
+        return {k: dict(v) for k, v in options.items()}
+    protocols = sorted({protocol_of(loc) for loc in locations if is_url(loc)})
+    if not protocols:
+        raise DMergeError("--storage-options given, but neither the output nor any model is a URL; "
+                          "key the options by protocol, e.g. {\"s3\": {...}}")
+    return {p: dict(options) for p in protocols}
+
+
+def configure(options: dict[str, dict]) -> None:
+    """Make ``options`` (protocol -> fsspec keyword arguments) the defaults of this
+    process's filesystems. Run in the client and, by the worker plugin, on every worker."""
+    if not options:
+        return
+    for protocol, kwargs in options.items():
+        impl = fsspec.get_filesystem_class(protocol)
+        for name in impl.protocol if isinstance(impl.protocol, (tuple, list)) else (impl.protocol,):
+            fsspec.config.conf.setdefault(name, {}).update(kwargs)
+        impl.clear_instance_cache()
+
+
+def protocol_of(location: str) -> str:
+    return location.split("://", 1)[0] if is_url(location) else "file"
 
 
 def filesystem_for(location: str):
@@ -75,14 +197,14 @@ def file_size(location: str) -> int:
     if not is_url(location):
         return os.stat(location).st_size
     fs, path = filesystem_for(location)
-    return int(fs.size(path))
+    return int(with_retries(location, lambda: fs.size(path), "find the size of"))
 
 
 def exists(location: str) -> bool:
     if not is_url(location):
         return os.path.exists(location)
     fs, path = filesystem_for(location)
-    return fs.exists(path)
+    return bool(with_retries(location, lambda: fs.exists(path), "look for"))
 
 
 def read_bytes(location: str) -> bytes:
@@ -91,7 +213,7 @@ def read_bytes(location: str) -> bytes:
         with open(location, "rb") as f:
             return f.read()
     fs, path = filesystem_for(location)
-    return fs.cat_file(path)
+    return with_retries(location, lambda: fs.cat_file(path))
 
 
 def read_range_into(location: str, offset: int, out: memoryview) -> None:
@@ -112,10 +234,14 @@ def read_range_into(location: str, offset: int, out: memoryview) -> None:
             os.close(fd)
         return
     fs, path = filesystem_for(location)
-    data = fs.cat_file(path, start=offset, end=offset + n)
-    if len(data) != n:
-        raise OSError(f"short read from {location}: wanted {n} bytes at {offset}, got {len(data)}")
-    out[:] = data
+
+    def attempt():
+        data = fs.cat_file(path, start=offset, end=offset + n)
+        if len(data) != n:  # a body cut short: never merged, asked for again
+            raise ShortRead(f"short read: wanted {n} bytes at {offset}, got {len(data)}")
+        out[:] = data
+
+    with_retries(location, attempt)
 
 
 def map_range(location: str, offset: int, length: int) -> tuple[mmap.mmap, int]:
