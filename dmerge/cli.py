@@ -110,6 +110,10 @@ MERGE_OPTIONS = [
                  help="Continue the interrupted merge in OUT_DIR: write only what its journal does not show done "
                       "(an absent or empty OUT_DIR starts afresh)."),
     click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1)."),
+    click.option("--push-to-hub", metavar="ORG/NAME", default=None,
+                 help="Upload the finished, verified output folder to this Hugging Face Hub repository "
+                      "(token from HF_TOKEN or `hf auth login`)."),
+    click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private."),
     click.option("--storage-options", metavar="JSON|FILE", default=None,
                  help="fsspec options for remote storage (endpoint_url, key, secret, token, ...), as JSON or a "
                       "JSON/YAML file: keyed by protocol ({\"s3\": {...}}) or flat for every URL of the run. "
@@ -350,6 +354,13 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
             where = "on the cluster's workers" if o["scheduler"] else ""
             click.echo(f"warning: --cuda given but no GPU is available{' ' + where if where else ''}; "
                        "computing on CPU", err=True)
+    if o["push_to_hub"]:
+        from dmerge.io import storage
+
+        if storage.is_url(out_dir):
+            raise DMergeError("--push-to-hub uploads a local output folder; write the merge to a local path")
+    elif o["private"]:
+        raise DMergeError("--private only applies with --push-to-hub")
     storage_options = _storage_options(o["storage_options"], recipe, out_dir)
     cluster = ClusterOptions(
         storage_options=storage_options,
@@ -379,6 +390,12 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
                       resume_command=_resume_command())
     if not o["quiet"]:
         click.echo(describe_result(result))  # stdout, for scripts; progress and logs stay on stderr
+    if o["push_to_hub"]:
+        from dmerge.io.hub import push_to_hub
+
+        url = push_to_hub(result.out_dir, o["push_to_hub"], private=o["private"], quiet=o["quiet"])
+        if not o["quiet"]:
+            click.echo(f"pushed to {url}")
 
 
 def read_storage_options(value: str | None) -> dict | None:

@@ -71,7 +71,9 @@ def resolve_location(model: str, base_dir: str | None = None) -> str:
         if os.path.isdir(c):
             return os.path.abspath(c)
     if _HF_REPO.match(model) and not model.startswith((".", "/")):
-        return "hf://" + model
+        from dmerge.io.hub import resolve_hub_model
+
+        return resolve_hub_model(model)  # a complete cached snapshot, else hf://
     return os.path.abspath(candidates[-1])
 
 
@@ -233,10 +235,19 @@ def read_range_into(location: str, offset: int, out: memoryview) -> None:
         finally:
             os.close(fd)
         return
-    fs, path = filesystem_for(location)
+    if location.startswith("hf://"):
+        from dmerge.io.hub import redirects
+
+        def fetch(start, stop):  # the cached redirect target, not a resolve per range
+            return redirects.read(location, start, stop)
+    else:
+        fs, path = filesystem_for(location)
+
+        def fetch(start, stop):
+            return fs.cat_file(path, start=start, end=stop)
 
     def attempt():
-        data = fs.cat_file(path, start=offset, end=offset + n)
+        data = fetch(offset, offset + n)
         if len(data) != n:  # a body cut short: never merged, asked for again
             raise ShortRead(f"short read: wanted {n} bytes at {offset}, got {len(data)}")
         out[:] = data
