@@ -53,6 +53,7 @@ class S3Stand:
         self.fault_every = 0  # 0: none; n: every n-th such GET gets the next fault
         self.faults_injected = 0
         self.delay_s = 0.0
+        self.requests: dict[str, int] = {}  # "GET range", "GET", "PUT part", "PUT", "HEAD", ... -> count
         stand = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,6 +66,10 @@ class S3Stand:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 ranged = self.command == "GET" and "Range" in self.headers and ".safetensors" in self.path
+                kind = self.command + (" range" if "Range" in self.headers else "")
+                kind += " part" if "partNumber=" in self.path else ""
+                with stand.lock:
+                    stand.requests[kind] = stand.requests.get(kind, 0) + 1
                 fault = stand._next_fault() if ranged else None
                 if ranged and stand.delay_s:
                     time.sleep(stand.delay_s)
@@ -130,6 +135,7 @@ class S3Stand:
     def reset_counts(self) -> None:
         with self.lock:
             self.bytes_sent = self.ranged_gets = self.faults_injected = 0
+            self.requests = {}
 
     def options(self) -> dict:
         """fsspec options for s3fs through the proxy (as --storage-options would give)."""
