@@ -74,14 +74,23 @@ def count_tasks(plan) -> int:
 
 
 def estimate_reads(plan) -> tuple[int, int]:
-    """Parent bytes the run will read: (certainly, at most). Every task reads its chunk's
+    """Parent bytes the run will fetch: (certainly, at most). Every task reads its chunk's
     rows of every source; a statistic that reads only where earlier ones leave the
-    answer open (radix select's second look) makes the two differ."""
+    answer open (radix select's second look) makes the two differ. Remote parents
+    (URLs) are fetched once for all the passes where the statistic passes' spill
+    (:mod:`dmerge.io.spill`) serves the later ones, up to once per pass where it cannot
+    (a full spill, passes of a chunk on different machines)."""
+    from dmerge.io.storage import is_url
+
     certain = at_most = 0
     for tp in plan.tensors:
         tasks = tensor_tasks(tp)
         passes = 1 + (1 if tasks.pad_blocks else 0)
-        certain += tp.bytes_read * (passes + sum(1 for r in tasks.statistics_read if r))
+        reading = sum(1 for r in tasks.statistics_read if r)
+        remote = sum(tp.source_bytes_read(s) for s in tp.sources if is_url(s.file))
+        local = tp.bytes_read - remote
+        spilled = reading > 0 and tp.row_map is None  # vocabulary gathers do not spill
+        certain += local * (passes + reading) + remote * (passes if spilled else passes + reading)
         at_most += tp.bytes_read * (passes + len(tasks.statistics_read))
     return certain, at_most
 

@@ -32,6 +32,7 @@ import torch
 from dmerge.architecture import LayerName, ModelLayout, architecture_key, layout_of
 from dmerge.errors import InputModelError, RecipeError
 from dmerge.io.model_source import ModelSource, open_model
+from dmerge.io.storage import is_url
 from dmerge.io.safetensors_format import (CODE_OF, DTYPE_NAMES, DTYPES, FLOAT_CODES, TORCH_NAME, TensorEntry,
                                           build_header, itemsize)
 from dmerge.methods import MergeMethod, get_method
@@ -107,10 +108,14 @@ class TensorPlan:
 
     @property
     def bytes_read(self) -> int:
+        return sum(self.source_bytes_read(s) for s in self.sources)
+
+    def source_bytes_read(self, source) -> int:
+        """Bytes one pass over the tensor reads of ``source``."""
         if self.row_map is None and self.shape:
             # Rows past the output's are never read (--unsafe-truncate-embeddings).
-            return sum(min(s.entry.nbytes, s.entry.row_bytes * self.rows) for s in self.sources)
-        return sum(s.entry.nbytes for s in self.sources)
+            return min(source.entry.nbytes, source.entry.row_bytes * self.rows)
+        return source.entry.nbytes
 
     def describe(self) -> str:
         """One line for `dmerge plan --tensors`."""
@@ -240,7 +245,9 @@ class Plan:
         if certain != parents:
             text += f", {certain / parents:.2f}x the {format_bytes(parents)} of parent tensors" if parents else ""
         if at_most > certain:
-            text += f"; up to {format_bytes(at_most)} where a statistic needs a second look"
+            text += (f"; up to {format_bytes(at_most)} where a statistic needs a second look"
+                     + (" or the spill of remote bytes misses" if any(is_url(m.location) for m in
+                                                                      self.models.values()) else ""))
         return text
 
     def summary(self) -> str:

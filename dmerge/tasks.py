@@ -20,6 +20,7 @@ from dmerge.allocator import keep_freed_memory
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.sinks import PartBuffer
+from dmerge.io.spill import spill
 from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, widen
@@ -73,9 +74,15 @@ def compute_device(wanted: str) -> str:
     return wanted
 
 
-def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Tensor, int]:
-    """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor): one ranged
-    read, or for a local file a private memory map of that range."""
+def read_rows(file: str, entry, row_start: int, row_stop: int, spill_mode: str | None = None
+              ) -> tuple[torch.Tensor, int]:
+    """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor), and how many
+    bytes were fetched from storage for them: one ranged read, or for a local file a
+    private memory map of that range.
+
+    ``spill_mode`` for a remote file read by a two-pass method (:mod:`dmerge.io.spill`):
+    ``"keep"`` (a statistic pass: keep the bytes on local disk for the passes after it) or
+    ``"take"`` (the write pass: use and drop them); bytes found there were not fetched."""
     row_bytes = entry.row_bytes
     n = (row_stop - row_start) * row_bytes
     offset = entry.begin + row_start * row_bytes
@@ -83,8 +90,14 @@ def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Te
         mapping, at = storage.map_range(file, offset, n)
         return torch.frombuffer(mapping, dtype=torch.uint8, offset=at, count=n), n
     buf = torch.empty(n, dtype=torch.uint8)  # no zero-fill
-    if n:
-        storage.read_range_into(file, offset, memoryview(buf.numpy()))
+    if not n:
+        return buf, 0
+    view = memoryview(buf.numpy())
+    if spill_mode and spill.get_into(file, offset, view, take=spill_mode == "take"):
+        return buf, 0
+    storage.read_range_into(file, offset, view)
+    if spill_mode == "keep":
+        spill.put(file, offset, view)
     return buf, n
 
 
@@ -98,9 +111,11 @@ def _row_shape(tensor, rows: int) -> tuple[int, ...]:
     return (rows,) + tuple(tensor.shape[1:]) if tensor.shape else ()
 
 
-def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False) -> tuple[ChunkInputs, int]:
+def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False,
+                spill_mode: str | None = None) -> tuple[ChunkInputs, int]:
     """Read every parent's rows and widen them to the compute dtype (``raw``: keep their
     stored dtype and only name the compute dtype; the method converts per block).
+    ``spill_mode``: see :func:`read_rows`.
 
     A re-indexed vocabulary tensor gathers its rows through the job's row map instead
     (``pad_means``: the padding rows' values, see :mod:`dmerge.vocab`).
@@ -118,7 +133,7 @@ def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False)
         tensors, nread = vocab.assemble(tp.sources, job.row_map, rest, dtype, device, pad_means)
     else:
         for src in tp.sources:
-            buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop)
+            buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop, spill_mode)
             nread += n
             t = _as_tensor(buf, src.entry.dtype, shape).to(device)
             tensors.append(t if raw else widen(t, dtype))
@@ -196,7 +211,8 @@ def compute_statistic(job: ChunkJob, stat_index: int, prior: Reduction | None,
     context = context_of(job.tensor, earlier, job.row_start, job.row_stop)
     if not stat.reads_data(context):
         return stat.chunk(context), 0
-    inputs, nread = load_inputs(job, _value(pad), raw=method.raw_inputs)
+    # the passes after this one read the chunk again: keep remote bytes on local disk
+    inputs, nread = load_inputs(job, _value(pad), raw=method.raw_inputs, spill_mode="keep")
     return _statistic_partial(stat, inputs, earlier), nread
 
 
@@ -295,7 +311,9 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
 
     method = get_method(tp.method)
     blockwise = method.elementwise and not method.statistics
-    inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs or blockwise)
+    # with statistics computed by earlier passes, they may have kept the remote bytes
+    inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs or blockwise,
+                                spill_mode="take" if stats is not None else None)
     if blockwise:
         merged = _merge_blockwise(inputs, method, DTYPES[tp.dtype], COMPUTE_DTYPES[job.compute_dtype])
         return nread, *_finish(job, merged)

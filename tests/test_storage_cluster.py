@@ -107,8 +107,9 @@ fsspec.register_implementation("rangelog", RangeLog, clobber=True)
 
 
 def test_bytes_read_is_what_the_store_served(family, tmp_path):
-    """ties reads its chunks for the statistics too: the plan's estimate bounds it, and the
-    run reports exactly the tensor bytes the store handed out (headers aside)."""
+    """ties reads its chunks for the statistics too, from the store once and then from the
+    spill: the plan's estimate bounds it, and the run reports exactly the tensor bytes the
+    store handed out (headers aside)."""
     from dmerge.execute import run_plan
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
@@ -131,7 +132,8 @@ def test_bytes_read_is_what_the_store_served(family, tmp_path):
     served = sum(n for p, start, n in RangeLog.reads if start is not None and start >= data_begin[p])
     certain, at_most = plan.reads
     assert result.bytes_read == served
-    assert plan.parent_bytes < certain <= served <= at_most
+    assert plan.parent_bytes <= certain <= served <= at_most
+    assert served == plan.parent_bytes  # each byte once: the later passes read the spill
     assert result.n_tasks == plan.n_tasks
 
 
