@@ -333,3 +333,17 @@ def test_search_three_trials_then_resume_after_an_interrupted_log(char_family, t
     r = CliRunner().invoke(main, ["search", str(other), "--eval", char_family["txt"], "--trials", "2",
                                   "--log", str(log), "--out", str(tmp_path / "b2.yml"), "-q"])
     assert r.exit_code == 1 and "belongs to another search" in r.output
+
+
+def test_eval_reads_a_model_from_a_storage_url(char_family):
+    """A model at an fsspec URL (here the in-memory filesystem) scores as its local copy."""
+    import fsspec
+
+    from dmerge.evaluate import evaluate
+
+    fs = fsspec.filesystem("memory")
+    for name in os.listdir(char_family["ft1"]):
+        fs.pipe(f"/evalmodel/{name}", open(os.path.join(char_family["ft1"], name), "rb").read())
+    data = [load_data(char_family["txt"])]
+    remote, local = evaluate(["memory://evalmodel", char_family["ft1"]], data, EvalOptions(quiet=True))
+    assert remote.model == "memory://evalmodel" and remote.value == pytest.approx(local.value, rel=1e-12)

@@ -75,6 +75,9 @@ def train(model, tokenizer, mixture: dict[str, float], steps: int, lr: float, se
 
 def save(model, folder: str) -> str:
     """A model folder dmerge reads: float32 safetensors, config.json and the tokenizer."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the "Writing model shards" bar, for a 0.4 MB model
     model.save_pretrained(folder, safe_serialization=True)
     write_char_tokenizer(folder)
     return folder
