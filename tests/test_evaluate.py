@@ -347,3 +347,19 @@ def test_eval_reads_a_model_from_a_storage_url(char_family):
     data = [load_data(char_family["txt"])]
     remote, local = evaluate(["memory://evalmodel", char_family["ft1"]], data, EvalOptions(quiet=True))
     assert remote.model == "memory://evalmodel" and remote.value == pytest.approx(local.value, rel=1e-12)
+
+
+def test_eval_on_a_dask_cluster_matches_in_process(char_family, tmp_path):
+    """With --scheduler each model is a task on the cluster; the scores are the same."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        outs = []
+        for extra in ([], ["--scheduler", cluster.scheduler_address]):
+            out = tmp_path / f"s{len(extra)}.json"
+            r = CliRunner().invoke(main, ["eval", char_family["base"], char_family["ft2"], "--data", char_family["qa"],
+                                          "--data", char_family["txt"], "--json", str(out), "--max-new-tokens", "4",
+                                          "-q", *extra])
+            assert r.exit_code == 0, r.output
+            outs.append([(s["model"], s["data"], s["value"]) for s in json.loads(out.read_text())["scores"]])
+    assert outs[0] == outs[1]

@@ -44,7 +44,7 @@ SEED = 0
 PRETRAIN = {"copy": 0.45, "reverse": 0.45, "sort": 0.1}
 PRETRAIN_STEPS, PRETRAIN_LR = 200, 3e-3
 FINETUNE_STEPS, FINETUNE_LR, REPLAY = 100, 4e-4, 0.5
-PER_SPLIT = 500  # problems per skill per split
+PER_SPLIT = 1000  # problems per skill per split
 
 # Hand-written recipes: what a person would try first for two fine-tunes of one base.
 RECIPES = {
@@ -183,7 +183,7 @@ def gain_kept(merged: float, base: float, parent: float) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=None, help="where models and data go (default: a temporary folder)")
-    ap.add_argument("--trials", type=int, default=30, help="trials of the recipe search (0: no search)")
+    ap.add_argument("--trials", type=int, default=40, help="trials of the recipe search (0: no search)")
     ap.add_argument("--no-docs", action="store_true", help="print the results only")
     args = ap.parse_args()
     torch.set_num_threads(1)  # a shared 2-core machine; one thread also keeps the training bit-reproducible
@@ -230,6 +230,9 @@ def main() -> None:
     scores = evaluate(list(models.values()), holdout, options, client=client)
     t_eval = time.perf_counter() - t0
     acc = {name: {s.data: s for s in scores if s.model == loc} for name, loc in models.items()}
+    for name, by_data in acc.items():  # results name models, not the (temporary) folders
+        for s in by_data.values():
+            s.model = name
     log(f"evaluated {len(models)} models on {2 * PER_SPLIT} held-out problems each ({t_eval:.0f} s)")
 
     search = None
@@ -246,6 +249,8 @@ def main() -> None:
                          out_path=os.path.join(work, "best.yml"), seed=SEED, options=options, scheduler=address,
                          quiet=True, echo=log)
         t_search = time.perf_counter() - t0
+        for s in res.best_holdout:
+            s.model = "search best"
         search = {"trials": len(res.trials), "best_trial": res.best["trial"], "params": res.best["params"],
                   "search_objective": res.best["objective"], "start_search_objective": res.start["objective"],
                   "holdout": {s.data: s.to_json() for s in res.best_holdout},
