@@ -520,7 +520,8 @@ def _unescape(text: str | None) -> str | None:
                    "or .txt (perplexity, a document per line).")
 @click.option("--lm-eval", "lm_eval_tasks", default=None, metavar="TASKS",
               help="Comma-separated lm-evaluation-harness tasks (needs lm-eval installed), e.g. gsm8k,arc_easy.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompts or documents per forward pass.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Longest greedy continuation for exact match.")
 @click.option("--stop", default="\\n", show_default=True,
@@ -589,7 +590,8 @@ def eval_cmd(models: tuple[str, ...], data_files: tuple[str, ...], lm_eval_tasks
               help="Held-out data, never seen by the search, to validate the best recipe (repeatable).")
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
               help="Candidates to merge and score, the recipe as written (trial 0) included.")
-@click.option("--strategy", type=click.Choice(["cmaes", "random"]), default="cmaes", show_default=True)
+@click.option("--strategy", type=click.Choice(["cmaes", "random"]), default="cmaes", show_default=True,
+              help="CMA-ES (the cmaes library) or uniform random points within the bounds.")
 @click.option("--population", type=click.IntRange(min=4), default=None,
               help="Candidates per generation, at least 4 (default: CMA-ES's, 4 + 3 ln d, at least 4).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search (and of random methods).")
@@ -599,14 +601,17 @@ def eval_cmd(models: tuple[str, ...], data_files: tuple[str, ...], lm_eval_tasks
               help="JSON-lines trial log; an existing one is resumed (default: OUT with .trials.jsonl).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where candidates are written (default: a temporary folder); each is removed once scored.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompts or documents per forward pass of an evaluation.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Longest greedy continuation for exact match.")
 @click.option("--stop", default="\\n", show_default=True, help="Stop string of a continuation.")
 @click.option("--scheduler", metavar="tcp://HOST:PORT", default=None, help="Use an existing Dask cluster.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers of the local cluster (default 1).")
-@click.option("--threads-per-worker", type=click.IntRange(min=1), default=None)
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+              help="Threads per local worker (default: the cores divided among the workers).")
 @click.option("--allow-crimes/--no-allow-crimes", default=False, help="Allow mixing architectures.")
-@click.option("--quiet/--no-quiet", "-q", default=False)
+@click.option("--quiet/--no-quiet", "-q", default=False, help="Only the result lines (no trial lines).")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1).")
 @_friendly_errors
 def search_cmd(recipe: str, eval_files: tuple[str, ...], holdout_files: tuple[str, ...], trials: int, strategy: str,

@@ -391,13 +391,14 @@ def run_search(recipe_path: str, datasets: list[Dataset], holdout: list[Dataset]
             for t, unit, values, folder, fut, started in pending:
                 scores = fut.result()
                 shutil.rmtree(folder, ignore_errors=True)
-                search_scores = [s for s in scores if s.data in {d.name for d in datasets}]
+                # one model: its scores come in data-set order, the search's first
+                search_scores, holdout_scores = scores[:len(datasets)], scores[len(datasets):]
                 rec = {"trial": t, "generation": gen, "unit": unit,
                        "params": {d.name: round(v, 4) for d, v in zip(dims, values)},
                        "scores": {s.data: s.value for s in search_scores}, "objective": objective(search_scores),
                        "seconds": round(time.perf_counter() - started, 2)}
                 if with_holdout:
-                    rec["holdout"] = [s.to_json() for s in scores if s not in search_scores]
+                    rec["holdout"] = [s.to_json() for s in holdout_scores]
                 log.record(rec)
                 records[t] = rec
                 if not quiet:

@@ -305,7 +305,8 @@ def test_search_three_trials_then_resume_after_an_interrupted_log(char_family, t
     header, trials = read_log(str(log))
     assert [t["trial"] for t in trials] == [0, 1, 2]
     assert trials[0]["params"] == {"models.0.parameters.weight": 0.5, "models.1.parameters.weight": 0.5}
-    assert all(math.isfinite(t["objective"]) for t in trials) and "holdout" in trials[0]
+    assert all(math.isfinite(t["objective"]) for t in trials)
+    assert set(trials[0]["scores"]) == {"text"} and [s["data"] for s in trials[0]["holdout"]] == ["rev"]
     assert trials[1]["params"] != trials[2]["params"]
     assert os.listdir(tmp_path / "work") == []  # every candidate removed
     best = (tmp_path / "best.yml").read_text()
