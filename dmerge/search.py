@@ -365,7 +365,8 @@ def run_search(recipe_path: str, datasets: list[Dataset], holdout: list[Dataset]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 plan = build_plan(recipe, seed=seed)
-            run_plan(plan, folder, cluster=merge_cluster, quiet=True, write_model_card=False, overwrite=True)
+            shutil.rmtree(folder, ignore_errors=True)  # what a crashed run left of this trial
+            run_plan(plan, folder, cluster=merge_cluster, quiet=True, write_model_card=False)
             return cand
 
         def run_generation(gen: int, first_trial: int, points: list[list[float]], with_holdout: bool = False):

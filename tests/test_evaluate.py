@@ -282,6 +282,11 @@ def test_search_space_defaults_and_spec():
     assert dims["models.0.parameters.density"][1] == 1.0 and dims["models.1.parameters.weight"][1] == 2.0
     data["search"] = {"models.1.parameters.weight": [0.5, 1.5]}
     assert [(d.name, d.low, d.high) for d in search_space(data)] == [("models.1.parameters.weight", 0.5, 1.5)]
+    from dmerge.search import candidate
+
+    cand = candidate(data, search_space(data), [1.23456])
+    assert "search" not in cand and cand["models"][1]["parameters"]["weight"] == 1.2346
+    assert data["models"][1]["parameters"]["weight"] == 1.0  # the recipe itself is left as it was
     data["search"] = {"models.5.parameters.weight": [0, 1]}
     with pytest.raises(DMergeError, match="names no value"):
         search_space(data)
@@ -364,3 +369,16 @@ def test_eval_on_a_dask_cluster_matches_in_process(char_family, tmp_path):
             assert r.exit_code == 0, r.output
             outs.append([(s["model"], s["data"], s["value"]) for s in json.loads(out.read_text())["scores"]])
     assert outs[0] == outs[1]
+
+
+def test_proposals_are_seeded_and_inside_the_box():
+    from dmerge.search import _Proposer
+
+    for strategy in ("cmaes", "random"):
+        a, b = _Proposer(strategy, [0.2, 0.9, 0.5], 7, None), _Proposer(strategy, [0.2, 0.9, 0.5], 7, None)
+        pa, pb = a.ask(), b.ask()
+        assert pa == pb and len(pa) == a.population >= 4
+        assert all(0.0 <= x <= 1.0 for p in pa for x in p)
+        assert _Proposer(strategy, [0.2, 0.9, 0.5], 8, None).ask() != pa
+    with pytest.raises(DMergeError, match="unknown search strategy"):
+        _Proposer("grid", [0.5], 0, None)
