@@ -326,7 +326,7 @@ def run_search(recipe_path: str, datasets: list[Dataset], holdout: list[Dataset]
         raise DMergeError(f"recipe {recipe_path} must be a YAML mapping")
     source_dir = os.path.dirname(os.path.abspath(recipe_path))
     dims = search_space(data)
-    start_unit = [d.unit(d.start) for d in dims]
+    start_unit = [min(1.0, max(0.0, d.unit(d.start))) for d in dims]
     _recipe_from(candidate(data, dims, [d.start for d in dims]), source_dir, allow_crimes)  # fails early if bad
 
     header = {"dmerge_search": LOG_FORMAT, "recipe_sha256": hashlib.sha256(text.encode()).hexdigest(),
@@ -344,7 +344,7 @@ def run_search(recipe_path: str, datasets: list[Dataset], holdout: list[Dataset]
     workdir = workdir or tempfile.mkdtemp(prefix="dmerge-search-")
     os.makedirs(workdir, exist_ok=True)
     eval_quiet = EvalOptions(**{**options.__dict__, "quiet": True})
-    cluster = None
+    cluster = client = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -369,8 +369,11 @@ def run_search(recipe_path: str, datasets: list[Dataset], holdout: list[Dataset]
             run_plan(plan, folder, cluster=merge_cluster, quiet=True, write_model_card=False)
             return cand
 
-        def run_generation(gen: int, first_trial: int, points: list[list[float]], with_holdout: bool = False):
-            """Merge the points not yet logged and score them; returns every point's record."""
+        def run_generation(gen: int, first_trial: int, points: list[list[float]], with_holdout: bool = False,
+                           exact: list[list[float]] | None = None):
+            """Merge the points not yet logged and score them; returns every point's record.
+            ``exact``: the parameter values themselves (trial 0: the recipe as written, even
+            where a value lies outside its search bounds)."""
             pending = []  # (trial, unit point, values, folder, future)
             records: dict[int, dict] = {}
             for k, unit in enumerate(points):
@@ -382,14 +385,29 @@ def run_search(recipe_path: str, datasets: list[Dataset], holdout: list[Dataset]
                                           "proposes again (a changed cmaes version?); use another --log")
                     records[t] = rec
                     continue
-                values = [d.value(u) for d, u in zip(dims, unit)]
+                values = exact[k] if exact else [d.value(u) for d, u in zip(dims, unit)]
                 folder = os.path.join(workdir, f"trial-{t:04d}")
                 started = time.perf_counter()
-                merge(values, folder)
+                try:
+                    merge(values, folder)
+                except DMergeError as e:
+                    if t == 0:
+                        raise  # the recipe as written must merge
+                    # a candidate the method refuses (NaN produced, say) is a failed trial, not a failed search
+                    pending.append((t, unit, values, folder, e, started))
+                    continue
                 sets = datasets + (holdout if with_holdout else [])
                 fut = submit_evaluations(client, [folder], sets, eval_quiet)[0]
                 pending.append((t, unit, values, folder, fut, started))
             for t, unit, values, folder, fut, started in pending:
+                if isinstance(fut, DMergeError):
+                    rec = {"trial": t, "generation": gen, "unit": unit,
+                           "params": {d.name: round(v, 4) for d, v in zip(dims, values)}, "scores": {},
+                           "objective": None, "error": str(fut), "seconds": round(time.perf_counter() - started, 2)}
+                    log.record(rec)
+                    records[t] = rec
+                    echo(f"trial {t}: failed: {fut}")
+                    continue
                 scores = fut.result()
                 shutil.rmtree(folder, ignore_errors=True)
                 # one model: its scores come in data-set order, the search's first
@@ -408,18 +426,21 @@ def run_search(recipe_path: str, datasets: list[Dataset], holdout: list[Dataset]
             return [records[first_trial + k] for k in range(len(points))]
 
         # trial 0: the recipe as written, scored on both splits (the reference to beat)
-        start_rec = run_generation(-1, 0, [start_unit], with_holdout=bool(holdout))[0]
+        start_rec = run_generation(-1, 0, [start_unit], with_holdout=bool(holdout), exact=[[d.start for d in dims]])[0]
         t, gen = 1, 0
         while t < trials:
             points = proposer.ask()[:trials - t]
             recs = run_generation(gen, t, points)
             if len(points) == proposer.population:
-                proposer.tell(points, [r["objective"] for r in recs])
+                # a failed trial counts as worse than every scored one
+                scored = [r["objective"] for r in recs if r["objective"] is not None]
+                worst = (min(scored) if scored else 0.0) - 1.0
+                proposer.tell(points, [worst if r["objective"] is None else r["objective"] for r in recs])
             t += len(points)
             gen += 1
 
         every = [log.trials[i] for i in sorted(log.trials) if i < trials]
-        best = max(every, key=lambda r: (r["objective"], -r["trial"]))
+        best = max((r for r in every if r["objective"] is not None), key=lambda r: (r["objective"], -r["trial"]))
         best_values = [best["params"][d.name] for d in dims]
         best_data = candidate(data, dims, best_values)
         best_holdout, start_holdout = [], []
@@ -432,8 +453,9 @@ def run_search(recipe_path: str, datasets: list[Dataset], holdout: list[Dataset]
                 merge(best_values, folder)
                 best_holdout = submit_evaluations(client, [folder], holdout, eval_quiet)[0].result()
                 shutil.rmtree(folder, ignore_errors=True)
-        client.close()
     finally:
+        if client is not None:
+            client.close()
         if cluster is not None:
             cluster.close()
         if own_workdir:

@@ -382,3 +382,20 @@ def test_proposals_are_seeded_and_inside_the_box():
         assert _Proposer(strategy, [0.2, 0.9, 0.5], 8, None).ask() != pa
     with pytest.raises(DMergeError, match="unknown search strategy"):
         _Proposer("grid", [0.5], 0, None)
+
+
+def test_search_logs_a_candidate_that_cannot_merge_as_a_failed_trial(char_family, tmp_path):
+    from dmerge.search import read_log
+
+    recipe = tmp_path / "r.yml"
+    # the searched box holds only weights summing to 0, which linear refuses; trial 0 is as written
+    recipe.write_text(open(_recipe(char_family, tmp_path)).read() +
+                      "search:\n  models.0.parameters.weight: [0, 0]\n  models.1.parameters.weight: [0, 0]\n")
+    r = CliRunner().invoke(main, ["search", str(recipe), "--eval", char_family["txt"], "--trials", "2",
+                                  "--out", str(tmp_path / "best.yml"), "--threads-per-worker", "1"])
+    assert r.exit_code == 0, r.output
+    _, trials = read_log(str(tmp_path / "best.trials.jsonl"))
+    assert trials[0]["params"] == {"models.0.parameters.weight": 0.5, "models.1.parameters.weight": 0.5}
+    assert trials[1]["objective"] is None and "sum to 0" in trials[1]["error"]
+    assert "trial 0 of 2" in (tmp_path / "best.yml").read_text()
+    assert "search" not in yaml.safe_load((tmp_path / "best.yml").read_text())
