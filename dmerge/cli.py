@@ -527,7 +527,7 @@ def _unescape(text: str | None) -> str | None:
 @click.option("--stop", default="\\n", show_default=True,
               help="Stop string of a continuation (backslash escapes allowed; '' for none).")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
-              help="Tokens per window for perplexity (default: the model's context length).")
+              help="Tokens per window for perplexity (default: the model's context length, at most 2048).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, metavar="OUT",
               help="Write every score (and its interval) as JSON.")

@@ -17,8 +17,8 @@ Data files (:func:`load_data`):
   stripped of surrounding whitespace must equal the stripped answer.
 * ``*.jsonl`` whose records hold ``text``, or a ``*.txt`` file (one document per non-empty
   line): perplexity, exp(total negative log-likelihood / total predicted tokens), over the
-  tokens of every document (documents longer than the model's context are cut into
-  context-sized windows).
+  tokens of every document (documents longer than the window, the model's context but at
+  most 2048 tokens unless ``max_length`` says otherwise, are cut into windows).
 
 Confidence intervals are 95 %: Wilson score intervals for accuracies (a proportion of
 independent problems), a percentile bootstrap over documents for perplexity (1000
@@ -115,10 +115,12 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
     """Per sequence: the summed negative log-likelihood of each token given those before
     it, and how many tokens were predicted. ``logits`` [B, T, V] from ids [B, T];
     positions where ``attention_mask`` is 0 (padding) are neither predicted nor context."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     target = input_ids[:, 1:]
-    mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(logp.dtype)
-    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
+    mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).float()
+    # one row at a time: a float32 copy of the whole [B, T, V] batch would double the
+    # logits' memory (16 x 2048 x 128k floats are 16 GiB)
+    nll = torch.stack([torch.nn.functional.cross_entropy(logits[i, :-1].float(), target[i], reduction="none")
+                       for i in range(logits.shape[0])]) * mask
     return nll.sum(-1).double(), mask.sum(-1).long()
 
 
@@ -211,9 +213,14 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, leave=False)
 
 
-def _context_length(model, default: int = 2048) -> int:
+DEFAULT_WINDOW = 2048  # tokens per perplexity window unless --max-length says otherwise
+
+
+def _context_length(model, default: int = DEFAULT_WINDOW) -> int:
+    """The perplexity window: the model's context, at most DEFAULT_WINDOW tokens (a
+    128k-token context in one forward pass would not fit in memory)."""
     cfg = getattr(model, "config", None)
-    return int(getattr(cfg, "max_position_embeddings", None) or default)
+    return min(default, int(getattr(cfg, "max_position_embeddings", None) or default))
 
 
 @torch.no_grad()

@@ -399,3 +399,10 @@ def test_search_logs_a_candidate_that_cannot_merge_as_a_failed_trial(char_family
     assert trials[1]["objective"] is None and "sum to 0" in trials[1]["error"]
     assert "trial 0 of 2" in (tmp_path / "best.yml").read_text()
     assert "search" not in yaml.safe_load((tmp_path / "best.yml").read_text())
+
+
+def test_long_documents_are_scored_in_windows():
+    model = _FixedLogits(torch.zeros(9, 9), context=4096)
+    r = score_perplexity(model, _IdTokenizer(), ["abcdefg"], EvalOptions(max_length=3, quiet=True))
+    assert r["extra"]["tokens"] == 4  # windows abc, def (2 predicted each); g alone predicts nothing
+    assert r["value"] == pytest.approx(9, rel=1e-6)
