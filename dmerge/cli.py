@@ -109,6 +109,9 @@ MERGE_OPTIONS = [
     click.option("--resume", is_flag=True,
                  help="Continue the interrupted merge in OUT_DIR: write only what its journal does not show done "
                       "(an absent or empty OUT_DIR starts afresh)."),
+    click.option("--eval-gate", type=click.Path(dir_okay=False), default=None, metavar="GATE.yml",
+                 help="Evaluate the output before declaring it done; below the gate's thresholds the output is kept "
+                      "but marked (EVAL_GATE_FAILED) and the command fails (docs/evaluation.md)."),
     click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1)."),
     click.option("--push-to-hub", metavar="ORG/NAME", default=None,
                  help="Upload the finished, verified output folder to this Hugging Face Hub repository "
@@ -343,6 +346,11 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
         if o["quiet"]:
             warnings.simplefilter("ignore")
         recipe = load_recipe(recipe_path, allow_crimes=o["allow_crimes"])
+    gate = None
+    if o.get("eval_gate"):  # read before the merge: a bad gate fails before any heavy work
+        from dmerge.gate import load_gate
+
+        gate = load_gate(o["eval_gate"])
     device = "cpu"
     if o["cuda"]:
         from dmerge.execute import workers_with_gpu
@@ -390,12 +398,39 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
                       resume_command=_resume_command())
     if not o["quiet"]:
         click.echo(describe_result(result))  # stdout, for scripts; progress and logs stay on stderr
+    if gate is not None:
+        _apply_gate(gate, plan, result.out_dir, o["scheduler"], o["quiet"])
     if o["push_to_hub"]:
         from dmerge.io.hub import push_to_hub
 
         url = push_to_hub(result.out_dir, o["push_to_hub"], private=o["private"], quiet=o["quiet"])
         if not o["quiet"]:
             click.echo(f"pushed to {url}")
+
+
+def _apply_gate(gate, plan, out_dir: str, scheduler: str | None, quiet: bool) -> None:
+    """Evaluate the merged model against the gate; a failure raises after marking the folder."""
+    import contextlib
+
+    from dmerge.evaluate import scores_table
+    from dmerge.gate import FAILED_MARKER, EvalGateFailed, run_gate
+
+    gate.options.quiet = quiet
+    parents = {ref: m.location for ref, m in plan.models.items()}
+    with contextlib.ExitStack() as stack:
+        client = None
+        if scheduler:
+            from distributed import Client
+
+            client = stack.enter_context(Client(scheduler, timeout="30s"))
+        failures, scores = run_gate(gate, out_dir, parents, client=client)
+    if not quiet:
+        click.echo(scores_table(scores, [out_dir] + [p for p in parents if any(s.model == p for s in scores)]))
+    if failures:
+        raise EvalGateFailed(f"evaluation gate failed: {'; '.join(failures)}; the output is kept in {out_dir}, "
+                             f"marked {FAILED_MARKER}")
+    if not quiet:
+        click.echo(f"evaluation gate passed ({len(gate.checks)} check{'s' if len(gate.checks) != 1 else ''})")
 
 
 def read_storage_options(value: str | None) -> dict | None:
@@ -537,6 +572,151 @@ def plan_cmd(recipe: str, out_shard_size: int, chunk_size: int, compute_dtype: s
     if show_tensors:
         for t in plan.tensors:
             click.echo(f"{t.describe()} shard={plan.shards[t.shard].name}@{t.offset}")
+
+
+def _unescape(text: str | None) -> str | None:
+    """``--stop "\\n"`` as typed in a shell: backslash escapes turned into characters."""
+    if text is None:
+        return None
+    return text.encode("utf-8").decode("unicode_escape")
+
+
+@main.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", "data_files", multiple=True, metavar="FILE",
+              help="Evaluation data (repeatable): .jsonl with prompt/answer (exact match) or text (perplexity), "
+                   "or .txt (perplexity, a document per line).")
+@click.option("--lm-eval", "lm_eval_tasks", default=None, metavar="TASKS",
+              help="Comma-separated lm-evaluation-harness tasks (needs lm-eval installed), e.g. gsm8k,arc_easy.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompts or documents per forward pass.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Longest greedy continuation for exact match.")
+@click.option("--stop", default="\\n", show_default=True,
+              help="Stop string of a continuation (backslash escapes allowed; '' for none).")
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="Tokens per window for perplexity (default: the model's context length, at most 2048).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, metavar="OUT",
+              help="Write every score (and its interval) as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None, metavar="PNG",
+              help="Write a bar chart of the scores (needs matplotlib).")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", default=None,
+              help="Evaluate on an existing Dask cluster, one task per model (in this process otherwise).")
+@click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bars.")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1).")
+@_friendly_errors
+def eval_cmd(models: tuple[str, ...], data_files: tuple[str, ...], lm_eval_tasks: str | None, batch_size: int,
+             max_new_tokens: int, stop: str, max_length: int | None, device: str | None, json_out: str | None,
+             plot_out: str | None, scheduler: str | None, quiet: bool) -> None:
+    """Score MODEL folders (local paths or storage URLs) side by side on held-out data.
+
+    Prints a table with a 95% interval per score: Wilson for exact-match accuracy,
+    bootstrap over documents for perplexity (docs/evaluation.md).
+    """
+    import contextlib
+    import json
+
+    install_warning_format()
+    from dmerge.evaluate import EvalOptions, evaluate, load_data, plot_scores, scores_json, scores_table
+
+    tasks = [t.strip() for t in (lm_eval_tasks or "").split(",") if t.strip()]
+    if not data_files and not tasks:
+        raise DMergeError("nothing to evaluate: give --data FILE and/or --lm-eval TASKS")
+    if plot_out:  # a missing matplotlib is found out before the models are scored
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise DMergeError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    datasets = [load_data(p) for p in data_files]
+    names = [d.name for d in datasets]
+    for d in datasets:
+        if names.count(d.name) > 1:
+            d.name = d.path
+    options = EvalOptions(batch_size=batch_size, max_new_tokens=max_new_tokens, stop=_unescape(stop) or None,
+                          max_length=max_length, device=device, quiet=quiet)
+    with contextlib.ExitStack() as stack:
+        client = None
+        if scheduler:
+            from distributed import Client
+
+            client = stack.enter_context(Client(scheduler, timeout="30s"))
+        scores = evaluate(list(models), datasets, options, lm_eval_tasks=tasks, client=client)
+    click.echo(scores_table(scores, list(models)))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(scores_json(scores, list(models), datasets, options), f, indent=2)
+    if plot_out:
+        plot_scores(scores, plot_out, list(models))
+
+
+@main.command("search")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--eval", "eval_files", multiple=True, required=True, metavar="FILE",
+              help="Data that scores candidates (repeatable; formats as for dmerge eval).")
+@click.option("--holdout", "holdout_files", multiple=True, metavar="FILE",
+              help="Held-out data, never seen by the search, to validate the best recipe (repeatable).")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Candidates to merge and score, the recipe as written (trial 0) included.")
+@click.option("--strategy", type=click.Choice(["cmaes", "random"]), default="cmaes", show_default=True,
+              help="CMA-ES (the cmaes library) or uniform random points within the bounds.")
+@click.option("--population", type=click.IntRange(min=4), default=None,
+              help="Candidates per generation, at least 4 (default: CMA-ES's, 4 + 3 ln d, at least 4).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search (and of random methods).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="best-recipe.yml", show_default=True,
+              help="Where the best recipe goes, its scores as comments on top.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON-lines trial log; an existing one is resumed (default: OUT with .trials.jsonl).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where candidates are written (default: a temporary folder); each is removed once scored.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompts or documents per forward pass of an evaluation.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Longest greedy continuation for exact match.")
+@click.option("--stop", default="\\n", show_default=True, help="Stop string of a continuation.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", default=None, help="Use an existing Dask cluster.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Workers of the local cluster (default 1).")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=None,
+              help="Threads per local worker (default: the cores divided among the workers).")
+@click.option("--allow-crimes/--no-allow-crimes", default=False, help="Allow mixing architectures.")
+@click.option("--quiet/--no-quiet", "-q", default=False, help="Only the result lines (no trial lines).")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1).")
+@_friendly_errors
+def search_cmd(recipe: str, eval_files: tuple[str, ...], holdout_files: tuple[str, ...], trials: int, strategy: str,
+               population: int | None, seed: int, out_path: str, log_path: str | None, workdir: str | None,
+               batch_size: int, max_new_tokens: int, stop: str, scheduler: str | None, workers: int | None,
+               threads_per_worker: int | None, allow_crimes: bool, quiet: bool) -> None:
+    """Search RECIPE's numeric parameters (weights, densities, t, gradients) for the best
+    score on --eval data: CMA-ES or random search, every candidate merged and evaluated on
+    the cluster, every trial logged (resumable), the best recipe written with its scores
+    on both the search and the --holdout data (docs/evaluation.md)."""
+    install_warning_format()
+    from dmerge.evaluate import EvalOptions, load_data, scores_table
+    from dmerge.search import objective, run_search
+
+    datasets = [load_data(p) for p in eval_files]
+    holdout = [load_data(p) for p in holdout_files]
+    for d in holdout:  # the same stem in both splits: tell them apart
+        if d.name in {e.name for e in datasets}:
+            d.name += "@holdout"
+    options = EvalOptions(batch_size=batch_size, max_new_tokens=max_new_tokens, stop=_unescape(stop) or None)
+    result = run_search(recipe, datasets, holdout, trials=trials, strategy=strategy, population=population,
+                        seed=seed, options=options, out_path=out_path,
+                        log_path=log_path or os.path.splitext(out_path)[0] + ".trials.jsonl", scheduler=scheduler,
+                        workers=workers, threads_per_worker=threads_per_worker, workdir=workdir, quiet=quiet,
+                        allow_crimes=allow_crimes, echo=lambda line: click.echo(line, err=True))
+    best, start = result.best, result.start
+    click.echo(f"best: trial {best['trial']} of {len(result.trials)}, search objective {best['objective']:.4f} "
+               f"(recipe as written: {start['objective']:.4f})")
+    if result.best_holdout:
+        click.echo(f"held-out objective: best {objective(result.best_holdout):.4f}, "
+                   f"recipe as written {objective(result.start_holdout):.4f}")
+        for s in result.start_holdout:
+            s.model = "as written"
+        for s in result.best_holdout:
+            s.model = "best"
+        click.echo(scores_table(result.start_holdout + result.best_holdout, ["as written", "best"]))
+    click.echo(f"wrote {out_path}")
 
 
 @main.command("methods")

@@ -204,3 +204,24 @@ def write_wordlevel_tokenizer(folder: str, words: list[str], special: list[str] 
         cfg["chat_template"] = chat_template
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def write_char_tokenizer(folder: str, chars: list[str], model_max_length: int = 64) -> None:
+    """A character-level tokenizer (``tokenizers`` WordLevel over single characters,
+    decoded without spaces between them) for tests and the skills benchmark.
+
+    Ids: ``<unk> <s> </s>``, then ``chars`` in order; ``<unk>`` doubles as padding. Written
+    as tokenizer.json + tokenizer_config.json, which ``transformers.AutoTokenizer`` loads offline.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + list(chars))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ["<unk>", "<s>", "</s>"]])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "pad_token": "<unk>", "model_max_length": model_max_length}, f, indent=2)
