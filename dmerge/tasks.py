@@ -21,6 +21,7 @@ from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.sinks import PartBuffer
 from dmerge.io.safetensors_format import DTYPES
+from dmerge.io.zarr_store import ZarrEntry, read_zarr_rows
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, widen
 from dmerge.worker_env import after_task, register_sizeof
@@ -76,6 +77,8 @@ def compute_device(wanted: str) -> str:
 def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Tensor, int]:
     """Raw bytes of rows [row_start, row_stop) of a tensor (a uint8 tensor): one ranged
     read, or for a local file a private memory map of that range."""
+    if isinstance(entry, ZarrEntry):  # a parent stored as a zarr group: rows through zarr
+        return read_zarr_rows(file, entry, row_start, row_stop)
     row_bytes = entry.row_bytes
     n = (row_stop - row_start) * row_bytes
     offset = entry.begin + row_start * row_bytes
@@ -286,7 +289,7 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
         src = tp.sources[0]
         nbytes = (job.row_stop - job.row_start) * tp.row_bytes
         src_offset = src.entry.begin + job.row_start * src.entry.row_bytes
-        if nbytes and not storage.is_url(src.file):
+        if nbytes and not storage.is_url(src.file) and not isinstance(src.entry, ZarrEntry):
             checksum = job.sink.copy(tp, job.row_start, src.file, src_offset, nbytes)
             if checksum is not None:  # the bytes never passed through this process
                 return nbytes, nbytes, checksum
