@@ -12,10 +12,13 @@ Layout of a group written by ``dmerge run --output-format zarr`` (see docs/stora
   :mod:`dmerge.io.zarr_dtypes`.
 * beside the arrays, the plain files of an HF folder as ``dmerge run`` writes them
   (``config.json``, ``mergekit_config.yml``, ``README.md``, tokenizer files);
-* the group's ``zarr.json``, written last, with consolidated metadata and the
-  attribute ``dmerge`` (config, recipe, tensor order, the safetensors shard layout and
-  index, ``"complete": true``). Until it exists the folder is no zarr group at all, so a
-  failed or killed merge leaves nothing that opens as one.
+* the group's ``zarr.json``, written last, with the attribute ``dmerge`` (config,
+  recipe, every tensor's name, dtype and shape in order, the safetensors shard layout
+  and index, ``"complete": true``). Until it exists the folder is no zarr group at all,
+  so a failed or killed merge leaves nothing that opens as one. No consolidated
+  metadata: zarr-python 3.1 parses every array's metadata in it on opening the group,
+  so one bf16 array would make the group unreadable to a zarr without dmerge's data
+  types; the tensor table in the attributes serves dmerge's own reads (one request).
 
 Writes and reads go through zarr-python's stores: a local folder (``LocalStore``) or any
 fsspec URL zarr can write to (``FsspecStore``; the options of ``--storage-options``
@@ -213,30 +216,35 @@ def read_group_attributes(location: str, what: str) -> tuple[object, dict]:
     return group, attrs
 
 
+def tensor_table(attrs: dict, where: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every tensor of a dmerge group, in order."""
+    table = []
+    for t in attrs.get("tensors", []):
+        try:
+            name, code, shape = t["name"], t["dtype"], tuple(int(s) for s in t["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise InputModelError(f"{where}: malformed tensor entry {t!r} in the group's attributes") from None
+        if code not in NATIVE:
+            raise InputModelError(f"{where}: tensor {name!r} has unsupported dtype {code!r}")
+        table.append((name, code, shape))
+    return table
+
+
 def open_zarr_model(reference: str, location: str):
     """A parent model stored as a dmerge zarr group (metadata only: the group's
-    ``zarr.json``, which holds every array's metadata)."""
+    ``zarr.json``, whose attributes list every tensor; each array's own metadata is
+    read by the first task that reads it)."""
     from dmerge.io.model_source import ModelSource, TensorLocation
     from dmerge.io.safetensors_format import itemsize
 
-    group, attrs = read_group_attributes(location, f"model {reference}")
+    where = f"model {reference}"
+    _, attrs = read_group_attributes(location, where)
     config = attrs.get("config")
     if not isinstance(config, dict):
-        raise InputModelError(f"model {reference}: the zarr group at {location} has no config")
-    arrays = dict(group.arrays())
+        raise InputModelError(f"{where}: the zarr group at {location} has no config")
     tensors = {}
-    for name in attrs.get("tensors", []):
-        array = arrays.get(name)
-        if array is None:
-            raise InputModelError(f"model {reference}: the zarr group at {location} lists {name!r} but has no "
-                                  "such array")
-        code = array.attrs.get(DTYPE_ATTRIBUTE)
-        if code not in NATIVE or np.dtype(NATIVE[code]) != array.dtype:
-            raise InputModelError(f"model {reference}: array {name!r} has dtype {array.dtype} and "
-                                  f"{DTYPE_ATTRIBUTE} {code!r}, which do not agree")
-        shape = tuple(int(s) for s in array.shape)
-        nbytes = math.prod(shape) * itemsize(code)
-        tensors[name] = TensorLocation(location, ZarrEntry(name, code, shape, 0, nbytes))
+    for name, code, shape in tensor_table(attrs, where):
+        tensors[name] = TensorLocation(location, ZarrEntry(name, code, shape, 0, math.prod(shape) * itemsize(code)))
     return ModelSource(reference=reference, location=location, config=config, tensors=tensors)
 
 
@@ -351,7 +359,7 @@ class ZarrOutput:
             "format": FORMAT,
             "complete": True,
             "dmerge_version": __version__,
-            "tensors": [t.name for t in plan.tensors],
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in plan.tensors],
             "config": json.loads(self._files["config.json"]) if "config.json" in self._files else plan.out_config,
             "recipe": self._files.get("mergekit_config.yml", b"").decode("utf-8"),
             "files": sorted(self._files),
@@ -365,7 +373,6 @@ class ZarrOutput:
         }}
         self._written.append("zarr.json")
         zarr.create_group(self.store, attributes=attributes)
-        zarr.consolidate_metadata(self.store)
 
     def abort(self) -> None:
         """Remove what this run wrote (the group's marker first), and the folder if this
@@ -395,17 +402,17 @@ def export_safetensors(location: str, out_dir: str, *, overwrite: bool = False, 
     from dmerge.io.output import LocalOutput, write_range
     from dmerge.plan import ShardPlan
 
+    zarr = _zarr()
     group, attrs = read_group_attributes(location, "export-safetensors")
     layout = attrs["safetensors"]
-    arrays = dict(group.arrays())
+    table = {name: (name, code, shape) for name, code, shape in tensor_table(attrs, "export-safetensors")}
     shards, order = [], []
     for k, shard in enumerate(layout["shards"]):
         specs = []
         for name in shard["tensors"]:
-            array = arrays.get(name)
-            if array is None:
-                raise DMergeError(f"export-safetensors: the zarr group at {location} has no array {name!r}")
-            specs.append((name, array.attrs[DTYPE_ATTRIBUTE], tuple(int(s) for s in array.shape)))
+            if name not in table:
+                raise DMergeError(f"export-safetensors: the zarr group at {location} has no tensor {name!r}")
+            specs.append(table[name])
         header, offsets = build_header(specs, layout["metadata"])
         size = len(header) + (offsets[-1][1] if offsets else 0)
         shards.append(ShardPlan(name=shard["name"], header=header, size=size, tensors=list(range(len(order),
@@ -416,7 +423,13 @@ def export_safetensors(location: str, out_dir: str, *, overwrite: bool = False, 
     try:
         output.prepare(shards)
         for k, name, offset in order:
-            array = arrays[name]
+            try:
+                array = zarr.open_array(group.store, path=name, mode="r")
+            except Exception as e:  # noqa: BLE001 - one line naming the array
+                raise DMergeError(f"export-safetensors: cannot open array {name!r} of {location}: {e}") from None
+            if tuple(array.shape) != table[name][2] or array.attrs.get(DTYPE_ATTRIBUTE) != table[name][1]:
+                raise DMergeError(f"export-safetensors: array {name!r} of {location} is not the tensor the group's "
+                                  "attributes describe")
             path = output.shard_path(shards[k].name)
             if not array.shape:
                 data = np.ascontiguousarray(array[()]).reshape(-1).view(np.uint8)
