@@ -148,7 +148,8 @@ def _array(location: str, name: str, token, writable: bool):
     """An opened array, kept per process (``token`` ties it to one run, or one set of
     parent metadata, so a cached array never outlives what it describes)."""
     zarr = _zarr()
-    return zarr.open_array(open_store(location, read_only=not writable), path=name, mode="r+" if writable else "r")
+    return zarr.open_array(open_store(location, read_only=not writable), path=name, mode="r+" if writable else "r",
+                           zarr_format=3)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def read_group_attributes(location: str, what: str) -> tuple[object, dict]:
     """Open a complete dmerge zarr group: (the zarr group, its ``dmerge`` attribute)."""
     zarr = _zarr()
     try:
-        group = zarr.open_group(open_store(location, read_only=True), mode="r")
+        group = zarr.open_group(open_store(location, read_only=True), mode="r", zarr_format=3)
     except Exception as e:  # noqa: BLE001 - one line naming the place
         raise InputModelError(f"{what}: {location} is not a readable zarr group ({e})") from None
     attrs = group.attrs.asdict().get(GROUP_ATTRIBUTE)
@@ -307,6 +308,7 @@ class ZarrOutput:
             names.add(tp.name)
         self._plan = plan
         self.token = token
+        self._written.append("zarr.json")  # zarr writes an implicit root group with the first array
         for tp in plan.tensors:
             layout = layout_of(tp)
             shape = tuple(tp.shape)
@@ -321,9 +323,10 @@ class ZarrOutput:
             zarr.create_array(self.store, name=tp.name, shape=shape, dtype=zarr_dtype(tp.dtype), compressors=None,
                               filters=None, fill_value=0, attributes={DTYPE_ATTRIBUTE: tp.dtype},
                               config={"write_empty_chunks": True}, **kwargs)
-        # zarr wrote an implicit root group with the first array: the group's zarr.json
-        # is this output's completion marker, written last
+        # the implicit root group goes: the group's zarr.json is this output's
+        # completion marker, written last
         _sync(self.store.delete("zarr.json"))
+        self._written.remove("zarr.json")
 
     def sink_for(self, tensor_index: int, tp) -> ZarrArraySink:
         return ZarrArraySink(self.location, tp.name, self.token)
@@ -377,7 +380,9 @@ class ZarrOutput:
     def abort(self) -> None:
         """Remove what this run wrote (the group's marker first), and the folder if this
         run created it."""
-        for name in ["zarr.json"] + [n for n in reversed(self._written) if n != "zarr.json"]:
+        written = (["zarr.json"] if "zarr.json" in self._written else []) + \
+            [n for n in reversed(self._written) if n != "zarr.json"]
+        for name in written:
             try:
                 _sync(self.store.delete(name))
                 _sync(self.store.delete_dir(name))
@@ -424,7 +429,7 @@ def export_safetensors(location: str, out_dir: str, *, overwrite: bool = False, 
         output.prepare(shards)
         for k, name, offset in order:
             try:
-                array = zarr.open_array(group.store, path=name, mode="r")
+                array = zarr.open_array(group.store, path=name, mode="r", zarr_format=3)
             except Exception as e:  # noqa: BLE001 - one line naming the array
                 raise DMergeError(f"export-safetensors: cannot open array {name!r} of {location}: {e}") from None
             if tuple(array.shape) != table[name][2] or array.attrs.get(DTYPE_ATTRIBUTE) != table[name][1]:
