@@ -350,3 +350,32 @@ def test_export_refuses_what_is_not_a_complete_dmerge_group(tmp_path):
     result = CliRunner().invoke(main, ["export-safetensors", str(tmp_path / "missing"), str(tmp_path / "out"), "-q"])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_zarr_group_in_a_bucket(family, tmp_path):
+    """Out to and back from S3 (moto's server on 127.0.0.1): the workers write the zarr
+    shards through zarr's FsspecStore, the export reads them back byte for byte, and
+    the group in the bucket serves as a parent."""
+    import fsspec
+
+    from s3stand import S3Stand
+
+    stand = S3Stand()
+    try:
+        stand.boto().create_bucket(Bucket="merges")
+        options = ["--storage-options", json.dumps({"s3": stand.options()})]
+        recipe = write_recipe(tmp_path / "r.yml", TIES.format(**family))
+        st = str(tmp_path / "st" / "out")
+        run_merge(recipe, st, "--chunk-size", "8K", "--out-shard-size", "100K")
+        url = "s3://merges/out"
+        run_merge(recipe, url, "--output-format", "zarr", "--out-shard-size", "100K", *options)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **stand.options())
+        assert fs.exists("merges/out/zarr.json") and fs.exists("merges/out/config.json")
+        ex = str(tmp_path / "ex" / "out")
+        _export(url, ex, *options)
+        assert _files(ex) == _files(st)
+        copied = str(tmp_path / "copied")
+        run_merge(write_recipe(tmp_path / "p.yml", PASSTHROUGH.format(model=url)), copied, *options)
+        assert _tensor_bytes(copied) == _tensor_bytes(st)
+    finally:
+        stand.stop()

@@ -143,12 +143,34 @@ def _check_name(name: str) -> None:
 
 # -- arrays as the workers see them -------------------------------------------------------
 
-@functools.lru_cache(maxsize=512)
+def _options_key(location: str) -> str | None:
+    """This process's fsspec options for the location's protocol, as a cache key."""
+    if not storage.is_url(location):
+        return None
+    import json
+
+    import fsspec
+
+    return json.dumps(fsspec.config.conf.get(storage.protocol_of(location)), sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=64)
+def _store(location: str, read_only: bool, options: str | None):
+    """One store per place, mode and storage options in a process (an fsspec store
+    holds a connection pool)."""
+    return open_store(location, read_only)
+
+
 def _array(location: str, name: str, token, writable: bool):
     """An opened array, kept per process (``token`` ties it to one run, or one set of
     parent metadata, so a cached array never outlives what it describes)."""
+    return _opened_array(location, name, token, writable, _options_key(location))
+
+
+@functools.lru_cache(maxsize=512)
+def _opened_array(location: str, name: str, token, writable: bool, options: str | None):
     zarr = _zarr()
-    return zarr.open_array(open_store(location, read_only=not writable), path=name, mode="r+" if writable else "r",
+    return zarr.open_array(_store(location, not writable, options), path=name, mode="r+" if writable else "r",
                            zarr_format=3)
 
 
@@ -257,6 +279,19 @@ def _sync(coroutine):
     return sync(coroutine)
 
 
+async def _store_all(store, items: dict, concurrency: int = 32) -> None:
+    """Write ``key -> Buffer`` items, ``concurrency`` at a time."""
+    import asyncio
+
+    gate = asyncio.Semaphore(concurrency)
+
+    async def put(key, value):
+        async with gate:
+            await store.set(key, value)
+
+    await asyncio.gather(*(put(k, v) for k, v in items.items()))
+
+
 def _buffer(data: bytes):
     from zarr.core.buffer import default_buffer_prototype
 
@@ -308,7 +343,11 @@ class ZarrOutput:
             names.add(tp.name)
         self._plan = plan
         self.token = token
-        self._written.append("zarr.json")  # zarr writes an implicit root group with the first array
+        # The arrays' metadata is made in memory by zarr, then stored with one concurrent
+        # write per array: on an object store, creating arrays one by one through zarr
+        # costs several requests each (existence checks, parents) in sequence.
+        made_keys: dict = {}
+        made = zarr.storage.MemoryStore(made_keys)
         for tp in plan.tensors:
             layout = layout_of(tp)
             shape = tuple(tp.shape)
@@ -319,14 +358,14 @@ class ZarrOutput:
                 kwargs = {"shards": (layout.shard_rows,) + rest, "chunks": (layout.inner_rows,) + rest}
                 if 0 in rest:
                     kwargs = {"chunks": (max(1, layout.shard_rows),) + tuple(max(1, d) for d in rest)}
-            self._written.append(tp.name)
-            zarr.create_array(self.store, name=tp.name, shape=shape, dtype=zarr_dtype(tp.dtype), compressors=None,
+            zarr.create_array(made, name=tp.name, shape=shape, dtype=zarr_dtype(tp.dtype), compressors=None,
                               filters=None, fill_value=0, attributes={DTYPE_ATTRIBUTE: tp.dtype},
                               config={"write_empty_chunks": True}, **kwargs)
-        # the implicit root group goes: the group's zarr.json is this output's
-        # completion marker, written last
-        _sync(self.store.delete("zarr.json"))
-        self._written.remove("zarr.json")
+        self._written += [tp.name for tp in plan.tensors]
+        # (zarr also made an implicit root group there: not copied, the group's
+        # zarr.json is this output's completion marker, written last)
+        _sync(_store_all(self.store, {f"{tp.name}/zarr.json": made_keys[f"{tp.name}/zarr.json"]
+                                      for tp in plan.tensors}))
 
     def sink_for(self, tensor_index: int, tp) -> ZarrArraySink:
         return ZarrArraySink(self.location, tp.name, self.token)
@@ -395,15 +434,20 @@ class ZarrOutput:
 
 # -- zarr group -> safetensors folder ---------------------------------------------------------
 
-# Bytes read from an array at a time by the export (whole zarr shards, at least one).
-EXPORT_BLOCK_BYTES = 64 << 20
+# Bytes read from an array at a time by the export (whole zarr shards, at least one),
+# and arrays exported at once.
+EXPORT_BLOCK_BYTES = 32 << 20
+EXPORT_THREADS = 8
 
 
 def export_safetensors(location: str, out_dir: str, *, overwrite: bool = False, progress=None) -> dict:
     """Write the dmerge zarr group at ``location`` as an HF folder ``out_dir``: the
     safetensors shards and index the merge would have written, byte for byte, and the
-    files kept beside the group. Streams one array at a time, a block of whole zarr
-    shards at a time (memory stays about :data:`EXPORT_BLOCK_BYTES`). Returns counts."""
+    files kept beside the group. Streams :data:`EXPORT_THREADS` arrays at a time, each a
+    block of whole zarr shards at a time (memory stays about ``EXPORT_THREADS *
+    EXPORT_BLOCK_BYTES``), each block written at its place in its shard. Returns counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from dmerge.io.output import LocalOutput, write_range
     from dmerge.plan import ShardPlan
 
@@ -423,35 +467,41 @@ def export_safetensors(location: str, out_dir: str, *, overwrite: bool = False, 
         shards.append(ShardPlan(name=shard["name"], header=header, size=size, tensors=list(range(len(order),
                                                                                                   len(order) + len(specs)))))
         order += [(k, name, len(header) + b) for (name, _, _), (b, _) in zip(specs, offsets)]
+    def copy_tensor(k: int, name: str, offset: int) -> int:
+        """Every byte of one array into its place; returns their count."""
+        try:
+                array = zarr.open_array(group.store, path=name, mode="r", zarr_format=3)
+        except Exception as e:  # noqa: BLE001 - one line naming the array
+            raise DMergeError(f"export-safetensors: cannot open array {name!r} of {location}: {e}") from None
+        if tuple(array.shape) != table[name][2] or array.attrs.get(DTYPE_ATTRIBUTE) != table[name][1]:
+            raise DMergeError(f"export-safetensors: array {name!r} of {location} is not the tensor the group's "
+                              "attributes describe")
+        path = output.shard_path(shards[k].name)
+        if not array.shape:
+            data = np.ascontiguousarray(array[()]).reshape(-1).view(np.uint8)
+            write_range(path, offset, memoryview(data))
+            return data.nbytes
+        rows = array.shape[0]
+        row_bytes = array.dtype.itemsize * math.prod(array.shape[1:])
+        shard_rows = (array.shards or array.chunks)[0]
+        step = max(1, EXPORT_BLOCK_BYTES // max(1, row_bytes * shard_rows)) * shard_rows
+        done = 0
+        for r0 in range(0, rows, step):
+            data = np.ascontiguousarray(array[r0:min(rows, r0 + step)]).reshape(-1).view(np.uint8)
+            write_range(path, offset + r0 * row_bytes, memoryview(data))
+            done += data.nbytes
+        return done
+
     output = LocalOutput(out_dir, overwrite=overwrite)
     written = 0
     try:
         output.prepare(shards)
-        for k, name, offset in order:
-            try:
-                array = zarr.open_array(group.store, path=name, mode="r", zarr_format=3)
-            except Exception as e:  # noqa: BLE001 - one line naming the array
-                raise DMergeError(f"export-safetensors: cannot open array {name!r} of {location}: {e}") from None
-            if tuple(array.shape) != table[name][2] or array.attrs.get(DTYPE_ATTRIBUTE) != table[name][1]:
-                raise DMergeError(f"export-safetensors: array {name!r} of {location} is not the tensor the group's "
-                                  "attributes describe")
-            path = output.shard_path(shards[k].name)
-            if not array.shape:
-                data = np.ascontiguousarray(array[()]).reshape(-1).view(np.uint8)
-                write_range(path, offset, memoryview(data))
-                written += data.nbytes
-                continue
-            rows = array.shape[0]
-            row_bytes = array.dtype.itemsize * math.prod(array.shape[1:])
-            shard_rows = (array.shards or array.chunks)[0]
-            step = max(1, EXPORT_BLOCK_BYTES // max(1, row_bytes * shard_rows)) * shard_rows
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                data = np.ascontiguousarray(array[r0:r1]).reshape(-1).view(np.uint8)
-                write_range(path, offset + r0 * row_bytes, memoryview(data))
-                written += data.nbytes
+        with ThreadPoolExecutor(max_workers=EXPORT_THREADS) as pool:
+            # the arrays' reads wait on storage and release the GIL: several at once
+            for n in pool.map(lambda job: copy_tensor(*job), order):
+                written += n
                 if progress is not None:
-                    progress(data.nbytes)
+                    progress(n)
         output.commit_shards(shards)
         for name in attrs.get("files", []):
             output.write_bytes(name, _sync(group.store.get(name, prototype=_prototype())).to_bytes())
