@@ -379,3 +379,23 @@ def test_zarr_group_in_a_bucket(family, tmp_path):
         assert _tensor_bytes(copied) == _tensor_bytes(st)
     finally:
         stand.stop()
+
+
+def test_chunks_are_whole_shards_of_whole_inner_chunks():
+    """For zarr output every task's rows are one zarr shard of whole inner chunks of at
+    most INNER_CHUNK_BYTES (a row at least), and aligning a plan loses fewer rows per
+    chunk than it has inner chunks."""
+    import random
+    from types import SimpleNamespace
+
+    from dmerge.io.zarr_store import INNER_CHUNK_BYTES, _split, layout_of
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        row_bytes, planned = rng.randint(1, 1 << 16), rng.randint(1, 100_000)
+        rows, inner = _split(planned, row_bytes, INNER_CHUNK_BYTES)
+        assert rows % inner == 0 and planned - rows < rows // inner
+        tp = SimpleNamespace(shape=(10**7, 3), rows=10**7, row_bytes=row_bytes, rows_per_chunk=rows, n_chunks=2)
+        layout = layout_of(tp)
+        assert layout.shard_rows == rows and rows % layout.inner_rows == 0
+        assert layout.inner_rows * row_bytes <= max(INNER_CHUNK_BYTES, row_bytes)

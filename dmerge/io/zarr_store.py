@@ -106,15 +106,23 @@ def _inner_rows(row_bytes: int, target: int) -> int:
     return max(1, target // max(1, row_bytes))
 
 
+def _split(rows_per_chunk: int, row_bytes: int, target: int) -> tuple[int, int]:
+    """(rows per chunk, rows per inner chunk): the chunk cut into the fewest inner chunks
+    of at most ``target`` bytes (one row at least), and rounded down to a whole number of
+    them, which loses fewer rows than inner chunks."""
+    pieces = math.ceil(rows_per_chunk / _inner_rows(row_bytes, target))
+    inner = rows_per_chunk // pieces
+    return inner * pieces, inner
+
+
 def align_plan(plan, target: int = INNER_CHUNK_BYTES):
     """The plan with every split tensor's rows per chunk a multiple of its inner chunk
-    rows (rounded down: tasks only get smaller), so that every chunk is whole zarr
-    shards of whole inner chunks. The merged values do not depend on chunking."""
+    rows (rounded down a little: tasks only get smaller), so that every chunk is whole
+    zarr shards of whole inner chunks. The merged values do not depend on chunking."""
     tensors = []
     for tp in plan.tensors:
         if len(tp.shape) >= 1 and tp.n_chunks > 1:
-            inner = min(_inner_rows(tp.row_bytes, target), tp.rows_per_chunk)
-            rows = tp.rows_per_chunk // inner * inner
+            rows, _ = _split(tp.rows_per_chunk, tp.row_bytes, target)
             if rows != tp.rows_per_chunk:
                 tp = dataclasses.replace(tp, rows_per_chunk=rows,
                                          task_bytes=math.ceil(tp.task_bytes * rows / tp.rows_per_chunk))
@@ -126,11 +134,11 @@ def layout_of(tp, target: int = INNER_CHUNK_BYTES) -> ArrayLayout | None:
     """The zarr chunking of a planned tensor (None for a 0-d tensor: one plain chunk)."""
     if not tp.shape:
         return None
-    inner = min(_inner_rows(tp.row_bytes, target), max(1, tp.rows_per_chunk))
     if tp.n_chunks == 1:
         # one task writes the whole tensor: one shard, rounded up to whole inner chunks
-        inner = max(1, min(inner, tp.rows))
+        inner = max(1, min(_inner_rows(tp.row_bytes, target), tp.rows))
         return ArrayLayout(max(1, math.ceil(tp.rows / inner)) * inner, inner)
+    _, inner = _split(tp.rows_per_chunk, tp.row_bytes, target)
     while tp.rows_per_chunk % inner:  # only for plans not aligned by align_plan
         inner -= 1
     return ArrayLayout(tp.rows_per_chunk, inner)
