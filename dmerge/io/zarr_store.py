@@ -257,6 +257,8 @@ def tensor_table(attrs: dict, where: str) -> list[tuple[str, str, tuple[int, ...
             raise InputModelError(f"{where}: malformed tensor entry {t!r} in the group's attributes") from None
         if code not in NATIVE:
             raise InputModelError(f"{where}: tensor {name!r} has unsupported dtype {code!r}")
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("__") or name in (".", ".."):
+            raise InputModelError(f"{where}: {name!r} is not an array name of this group")
         table.append((name, code, shape))
     return table
 
@@ -462,6 +464,11 @@ def export_safetensors(location: str, out_dir: str, *, overwrite: bool = False, 
     zarr = _zarr()
     group, attrs = read_group_attributes(location, "export-safetensors")
     layout = attrs["safetensors"]
+    # names from the group become file names in out_dir: plain names only
+    for name in [s["name"] for s in layout["shards"]] + list(attrs.get("files", [])) + [layout.get("index_name", "")]:
+        if name and (not isinstance(name, str) or os.path.basename(name) != name or name in (".", "..")):
+            raise DMergeError(f"export-safetensors: the zarr group at {location} names a file {name!r} outside "
+                              "the folder")
     table = {name: (name, code, shape) for name, code, shape in tensor_table(attrs, "export-safetensors")}
     shards, order = [], []
     for k, shard in enumerate(layout["shards"]):
