@@ -336,7 +336,14 @@ def test_existing_group_needs_overwrite_and_resume_is_refused(family, tmp_path):
     run_merge(linear, out, "--output-format", "zarr", "--overwrite")
     ex = str(tmp_path / "ex")
     _export(out, ex)
-    assert _tensor_bytes(ex) == {k: v for k, v in _tensor_bytes(family["ft1"]).items()}
+    assert _tensor_bytes(ex) == _tensor_bytes(family["ft1"])
+    # names in the group's attributes never reach outside the export folder
+    meta = json.load(open(os.path.join(out, "zarr.json")))
+    meta["attributes"]["dmerge"]["files"].append("../escaped.txt")
+    json.dump(meta, open(os.path.join(out, "zarr.json"), "w"))
+    result = CliRunner().invoke(main, ["export-safetensors", out, str(tmp_path / "ex2"), "-q"])
+    assert result.exit_code == 1 and "outside" in result.stderr
+    assert not os.path.exists(tmp_path / "ex2") and not os.path.exists(tmp_path / "escaped.txt")
 
 
 def test_export_refuses_what_is_not_a_complete_dmerge_group(tmp_path):
