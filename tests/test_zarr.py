@@ -406,3 +406,41 @@ def test_chunks_are_whole_shards_of_whole_inner_chunks():
         layout = layout_of(tp)
         assert layout.shard_rows == rows and rows % layout.inner_rows == 0
         assert layout.inner_rows * row_bytes <= max(INNER_CHUNK_BYTES, row_bytes)
+
+
+def test_zarr_parents_with_a_merged_tokenizer(tmp_path):
+    """Parents as zarr groups in a tokenizer union: the vocabulary rows are gathered
+    through zarr (row sets, not chunks), the tokenizers load from the files kept beside
+    the groups; the same bytes as with the safetensors twins."""
+    pytest.importorskip("transformers")
+    from dmerge.toymodels import LlamaShape, write_wordlevel_tokenizer
+
+    words = [f"w{i}" for i in range(40)]
+    twins = {}
+    for i, (name, extra, special) in enumerate([("A", [], ["<|im_end|>"]), ("B", ["kiwi", "mango"], ["<tool>"])]):
+        shape = LlamaShape(hidden=32, layers=4, intermediate=64, heads=4, kv_heads=2, vocab=3 + 40 + len(extra) + 1)
+        folder = write_model(str(tmp_path / name), random_weights(shape, 30 + i), shape.config("bfloat16"))
+        write_wordlevel_tokenizer(folder, words + extra, special, [])
+        recipe = write_recipe(tmp_path / f"{name}.yml", PASSTHROUGH.format(model=folder))
+        twins[name] = _merge_both(recipe, tmp_path / f"twin{name}", "--chunk-size", "2K")
+    union = """
+merge_method: linear
+base_model: {A}
+models:
+  - model: {A}
+    parameters: {{weight: 0.6}}
+  - model: {B}
+    parameters: {{weight: 0.4}}
+tokenizer_source: union
+dtype: bfloat16
+"""
+    outs = []
+    for which in (0, 1):
+        out = str(tmp_path / f"union{which}" / "out")
+        run_merge(write_recipe(tmp_path / f"u{which}.yml", union.format(A=twins["A"][which], B=twins["B"][which])),
+                  out, "--chunk-size", "1K")
+        outs.append(out)
+    assert os.path.exists(os.path.join(twins["A"][1], "tokenizer.json"))
+    a, b = _tensor_bytes(outs[0]), _tensor_bytes(outs[1])
+    assert a["model.embed_tokens.weight"][1][0] == 3 + 40 + 2 + 2
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
