@@ -117,6 +117,10 @@ MERGE_OPTIONS = [
                  help="Upload the finished, verified output folder to this Hugging Face Hub repository "
                       "(token from HF_TOKEN or `hf auth login`)."),
     click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private."),
+    click.option("--output-format", type=click.Choice(["safetensors", "zarr"]), default="safetensors",
+                 show_default=True,
+                 help="zarr: write OUT_DIR as a zarr v3 group, one array per tensor (local path or fsspec URL); "
+                      "`dmerge export-safetensors` turns it into an HF folder."),
     click.option("--storage-options", metavar="JSON|FILE", default=None,
                  help="fsspec options for remote storage (endpoint_url, key, secret, token, ...), as JSON or a "
                       "JSON/YAML file: keyed by protocol ({\"s3\": {...}}) or flat for every URL of the run. "
@@ -395,7 +399,7 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
     check_worker_memory(plan, workers)
     result = run_plan(plan, out_dir, cluster=cluster, quiet=o["quiet"], copy_tokenizer=o["copy_tokenizer"],
                       write_model_card=o["write_model_card"], overwrite=o["overwrite"], resume=o["resume"],
-                      resume_command=_resume_command())
+                      resume_command=_resume_command(), output_format=o["output_format"])
     if not o["quiet"]:
         click.echo(describe_result(result))  # stdout, for scripts; progress and logs stay on stderr
     if gate is not None:
@@ -717,6 +721,33 @@ def search_cmd(recipe: str, eval_files: tuple[str, ...], holdout_files: tuple[st
             s.model = "best"
         click.echo(scores_table(result.start_holdout + result.best_holdout, ["as written", "best"]))
     click.echo(f"wrote {out_path}")
+@main.command("export-safetensors")
+@click.argument("zarr_group")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace the model in an OUT_DIR that already holds one.")
+@click.option("--storage-options", metavar="JSON|FILE", default=None,
+              help="fsspec options when ZARR_GROUP is a URL (as for dmerge run).")
+@click.option("--quiet/--no-quiet", "-q", default=False, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also DMERGE_DEBUG=1).")
+@_friendly_errors
+def export_safetensors_cmd(zarr_group: str, out_dir: str, overwrite: bool, storage_options: str | None,
+                           quiet: bool) -> None:
+    """Write the zarr group ZARR_GROUP (from `dmerge run --output-format zarr`) as an HF
+    folder OUT_DIR: the safetensors shards, index, config and tokenizer files that
+    `dmerge run` would have written, byte for byte."""
+    from tqdm import tqdm
+
+    from dmerge.io import storage
+    from dmerge.io.zarr_store import export_safetensors
+
+    options = read_storage_options(storage_options)
+    if options:
+        storage.configure(storage.storage_options_for(options, [zarr_group]))
+    with tqdm(unit="B", unit_scale=True, desc="exporting", disable=quiet, file=sys.stderr) as bar:
+        counts = export_safetensors(zarr_group, out_dir, overwrite=overwrite, progress=bar.update)
+    if not quiet:
+        click.echo(f"wrote {out_dir}: {counts['tensors']} tensors in {counts['shards']} shard"
+                   f"{'s' if counts['shards'] != 1 else ''} ({counts['bytes']} B)")
 
 
 @main.command("methods")

@@ -271,8 +271,13 @@ def run_id(plan: Plan, out_dir: str, fingerprint: str | None = None) -> str:
 
 def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None, quiet: bool = False,
              copy_tokenizer: bool = True, write_model_card: bool = True, overwrite: bool = False,
-             resume: bool = False, resume_command: str | None = None) -> RunResult:
+             resume: bool = False, resume_command: str | None = None,
+             output_format: str = "safetensors") -> RunResult:
     """Execute the plan into ``out_dir``.
+
+    ``output_format`` "zarr": a zarr v3 group instead of a safetensors folder
+    (:mod:`dmerge.io.zarr_store`; no journal: a failed or interrupted zarr merge removes
+    what it wrote, and --resume is refused).
 
     A folder that already holds model weights is refused unless ``overwrite``; with it,
     the earlier weights are removed only once the new ones are complete.
@@ -289,8 +294,19 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
 
     cluster = cluster or ClusterOptions()
     storage.configure(cluster.storage_options or {})
-    to_objects = storage.is_url(out_dir) and is_object_store(out_dir)
-    output = ObjectOutput(out_dir, overwrite=overwrite) if to_objects else LocalOutput(out_dir, overwrite=overwrite)
+    to_zarr = output_format == "zarr"
+    if to_zarr and resume:
+        raise DMergeError("--resume is not available with --output-format zarr: a zarr merge that stops "
+                          "removes what it wrote; run it again")
+    to_objects = not to_zarr and storage.is_url(out_dir) and is_object_store(out_dir)
+    if to_zarr:
+        from dmerge.io.zarr_store import ZarrOutput, align_plan
+
+        plan = align_plan(plan)  # every task writes whole zarr shards of whole inner chunks
+        output = ZarrOutput(out_dir, overwrite=overwrite)
+    else:
+        output = (ObjectOutput(out_dir, overwrite=overwrite) if to_objects
+                  else LocalOutput(out_dir, overwrite=overwrite))
     fingerprint = plan.fingerprint()  # hashes every tensor's sources and row map: once
     rid = run_id(plan, out_dir, fingerprint)
     start = time.perf_counter()
@@ -308,6 +324,13 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             groups = part_groups(parts)
             done_bytes = sum(p.size for p in parts if (p.shard, p.number) in done_parts)
             units, units_done = len(parts), len(done_parts)
+        elif to_zarr:
+            output.prepare(plan, rid)
+            started = True
+            dsk, keys = build_graph(plan, output.sink_for, rid)
+            groups = None
+            done_bytes = 0
+            units, units_done = sum(t.n_chunks for t in plan.tensors), 0
         else:
             if resuming:
                 earlier, journaled = read_journal(output.folder)
@@ -380,7 +403,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             reruns = _reruns(client, keys, cluster.retries)
         if to_objects:
             output.commit_shards(plan.shards, parts)
-        else:
+        elif not to_zarr:
             output.commit_shards(plan.shards)
         finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
         if journal is not None:
@@ -389,7 +412,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
     except BaseException as e:
         if journal is not None:
             journal.close()
-        if isinstance(e, KeyboardInterrupt) and (started or resuming):
+        if isinstance(e, KeyboardInterrupt) and (started or resuming) and not to_zarr:
             # Left unfinished on purpose: partial shards and journal (or the uploads and
             # their run file) and the marker stay.
             # a note (what add_note does on Python >= 3.11) the command line prints
@@ -403,7 +426,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         if isinstance(e, (DMergeError, KeyboardInterrupt)) or not isinstance(e, Exception):
             raise
         raise MergeExecutionError(f"merge failed: {one_line(e)}") from e
-    if not to_objects:
+    if not to_objects and not to_zarr:
         bytes_written += header_bytes
     return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written, len(dsk),
                      units=units, units_resumed=units_done if resuming else None,

@@ -100,11 +100,14 @@ def key_names(run_id: str) -> dict[str, str]:
     return {kind: f"dmerge-{kind}-{run_id}" for kind in ("write", "part", "stat", "stats", "vpad", "vpads")}
 
 
-def build_graph(plan, sinks: list, run_id: str,
+def build_graph(plan, sinks, run_id: str,
                 done: set[tuple[int, int]] | frozenset = frozenset()) -> tuple[dict, list[tuple]]:
     """Return the graph and its output keys (one per chunk write), leaving out the
     writes of ``done``: (tensor index, chunk index) pairs a resumed run has already.
-    ``sinks``: where each shard's bytes go (see :mod:`dmerge.io.sinks`)."""
+    ``sinks``: where the bytes go (see :mod:`dmerge.io.sinks`): a list with one sink per
+    shard, or a function ``(tensor index, TensorPlan) -> sink`` for outputs that give
+    each tensor its own (a zarr array per tensor)."""
+    sink_of = sinks if callable(sinks) else (lambda ti, tp: sinks[tp.shard])
     names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []
@@ -112,7 +115,7 @@ def build_graph(plan, sinks: list, run_id: str,
         todo = [c for c in range(tp.n_chunks) if (ti, c) not in done]
         if not todo:
             continue
-        jobs = _chunk_jobs(plan, tp, sinks[tp.shard])
+        jobs = _chunk_jobs(plan, tp, sink_of(ti, tp))
         stats_key, pad_key = _reductions(dsk, names, ti, tp, jobs)
         for c in todo:
             key = (names["write"], ti, c)

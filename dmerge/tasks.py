@@ -22,6 +22,7 @@ from dmerge.io import storage
 from dmerge.io.sinks import PartBuffer
 from dmerge.io.spill import spill
 from dmerge.io.safetensors_format import DTYPES
+from dmerge.io.zarr_store import ZarrEntry, read_zarr_rows
 from dmerge.methods import ChunkInputs, get_method
 from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, widen
 from dmerge.worker_env import after_task, register_sizeof
@@ -83,6 +84,8 @@ def read_rows(file: str, entry, row_start: int, row_stop: int, spill_mode: str |
     ``spill_mode`` for a remote file read by a two-pass method (:mod:`dmerge.io.spill`):
     ``"keep"`` (a statistic pass: keep the bytes on local disk for the passes after it) or
     ``"take"`` (the write pass: use and drop them); bytes found there were not fetched."""
+    if isinstance(entry, ZarrEntry):  # a parent stored as a zarr group: rows through zarr
+        return read_zarr_rows(file, entry, row_start, row_stop)
     row_bytes = entry.row_bytes
     n = (row_stop - row_start) * row_bytes
     offset = entry.begin + row_start * row_bytes
@@ -302,7 +305,7 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
         src = tp.sources[0]
         nbytes = (job.row_stop - job.row_start) * tp.row_bytes
         src_offset = src.entry.begin + job.row_start * src.entry.row_bytes
-        if nbytes and not storage.is_url(src.file):
+        if nbytes and not storage.is_url(src.file) and not isinstance(src.entry, ZarrEntry):
             checksum = job.sink.copy(tp, job.row_start, src.file, src_offset, nbytes)
             if checksum is not None:  # the bytes never passed through this process
                 return nbytes, nbytes, checksum

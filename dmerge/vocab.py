@@ -31,6 +31,7 @@ import torch
 from dmerge.errors import RecipeError
 from dmerge.io import storage
 from dmerge.io.safetensors_format import DTYPES
+from dmerge.io.zarr_store import ZarrEntry, read_zarr_rows
 
 PAD_BLOCK_BYTES = 32 << 20  # float64 bytes of one padding-mean block (per source)
 
@@ -234,7 +235,10 @@ def read_row_set(file: str, entry, rows: torch.Tensor) -> tuple[torch.Tensor, in
     pos = 0
     for a, b in _runs(rows):
         n = (b - a) * rb
-        storage.read_range_into(file, entry.begin + a * rb, view[pos:pos + n])
+        if isinstance(entry, ZarrEntry):
+            view[pos:pos + n] = read_zarr_rows(file, entry, a, b)[0].numpy()
+        else:
+            storage.read_range_into(file, entry.begin + a * rb, view[pos:pos + n])
         pos += n
     data = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
     return data.reshape(len(rows), rb), len(buf)

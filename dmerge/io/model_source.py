@@ -108,6 +108,10 @@ def open_model(reference: str, base_dir: str | None = None) -> ModelSource:
     location = storage.resolve_location(reference, base_dir)
     if not storage.is_url(location) and not storage.exists(location):
         raise InputModelError(f"model {reference}: folder {location} does not exist")
+    from dmerge.io.zarr_store import is_zarr_group, open_zarr_model
+
+    if is_zarr_group(location):  # a merge written with --output-format zarr
+        return open_zarr_model(reference, location)
     config = _read_json(storage.join(location, "config.json"), "config.json", reference)
 
     index_file = storage.join(location, INDEX_NAME)

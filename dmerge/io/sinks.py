@@ -10,6 +10,8 @@ Sinks are small picklable descriptions (a path, an upload id), sent with the tas
 * :class:`PartBuffer`: one part of an object-store multipart upload, assembled in the
   task's memory from the write units it groups, then uploaded whole
   (:mod:`dmerge.io.object_output`).
+* :class:`dmerge.io.zarr_store.ZarrArraySink`: one tensor's zarr array; a task's rows
+  are whole zarr shards of it (``--output-format zarr``).
 
 Writing is idempotent everywhere: a retried task writes the same bytes to the same place.
 The client-side half (``prepare``, ``commit``, ``abort``) belongs to the output classes.
