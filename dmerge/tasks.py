@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,8 +136,7 @@ def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False,
             pad_means = _whole_tensor_pad_means(job)
         tensors, nread = vocab.assemble(tp.sources, job.row_map, rest, dtype, device, pad_means)
     else:
-        for src in tp.sources:
-            buf, n = read_rows(src.file, src.entry, job.row_start, job.row_stop, spill_mode)
+        for src, (buf, n) in zip(tp.sources, _read_sources(tp.sources, job.row_start, job.row_stop, spill_mode)):
             nread += n
             t = _as_tensor(buf, src.entry.dtype, shape).to(device)
             tensors.append(t if raw else widen(t, dtype))
@@ -154,6 +154,24 @@ def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False,
         out_dtype=DTYPES[tp.dtype],
     )
     return inputs, nread
+
+
+_fetchers: ThreadPoolExecutor | None = None
+
+
+def _read_sources(sources, row_start: int, row_stop: int, spill_mode: str | None) -> list:
+    """:func:`read_rows` of every source; remote ones fetched at once (each ranged GET
+    waits mostly on the store's latency), local ones mapped in turn."""
+    global _fetchers
+    remote = [i for i, s in enumerate(sources) if storage.is_url(s.file)]
+    if len(remote) < 2:
+        return [read_rows(s.file, s.entry, row_start, row_stop, spill_mode) for s in sources]
+    if _fetchers is None:
+        _fetchers = ThreadPoolExecutor(max_workers=storage.MAX_REQUESTS, thread_name_prefix="dmerge-fetch")
+    futures = {i: _fetchers.submit(read_rows, sources[i].file, sources[i].entry, row_start, row_stop, spill_mode)
+               for i in remote}
+    return [futures[i].result() if i in futures else read_rows(s.file, s.entry, row_start, row_stop, spill_mode)
+            for i, s in enumerate(sources)]
 
 
 def _whole_tensor_pad_means(job: ChunkJob) -> list:
