@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dmerge.allocator import resident_bytes  # noqa: E402
 from dmerge.execute import TASKS_PER_WAVE, run_id  # noqa: E402
 from dmerge.graph import build_graph, waves  # noqa: E402
+from dmerge.io.sinks import LocalShard  # noqa: E402
 from dmerge.plan import build_plan  # noqa: E402
 from dmerge.recipe import load_recipe  # noqa: E402
 from dmerge.toymodels import LLAMA_405B, write_sparse_model  # noqa: E402
@@ -61,7 +62,7 @@ def main() -> None:
     t0 = time.perf_counter()
     plan = build_plan(load_recipe(RECIPE.format(*parents), is_text=True), chunk_bytes=parse_size(args.chunk_size))
     t1 = time.perf_counter()
-    dsk, keys = build_graph(plan, [f"/nowhere/{s.name}" for s in plan.shards], run_id(plan, "/nowhere"))
+    dsk, keys = build_graph(plan, [LocalShard(f"/nowhere/{s.name}") for s in plan.shards], run_id(plan, "/nowhere"))
     t2 = time.perf_counter()
     print(f"chunk budget {args.chunk_size}: {len(plan.tensors)} tensors, {len(keys)} writes, {len(dsk)} tasks")
     print(f"plan {t1 - t0:.2f} s, graph {t2 - t1:.2f} s")

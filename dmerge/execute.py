@@ -25,8 +25,8 @@ from dmerge.errors import DMergeError, MergeExecutionError, Terminated
 from dmerge.graph import build_graph, build_part_graph, part_groups, waves
 from dmerge.io import storage
 from dmerge.io.model_source import TOKENIZER_FILES
-from dmerge.io.journal import (JOURNAL_FORMAT, JOURNAL_NAME, Journal, WriteUnit, read_journal, remove_journal,
-                               write_marker)
+from dmerge.io.journal import (JOURNAL_FORMAT, JOURNAL_NAME, Journal, WriteUnit, check_same_plan, read_journal,
+                               remove_journal, write_marker)
 from dmerge.io.object_output import ObjectOutput, is_object_store, plan_parts
 from dmerge.io.output import LocalOutput, checksum_range
 from dmerge.io.sinks import LocalShard
@@ -56,7 +56,7 @@ class RunResult:
     units: int = 0  # write units of the plan
     units_resumed: int | None = None  # of them, done by an earlier run and verified (resumed runs only)
     peak_memory: dict = None  # worker address -> peak resident bytes of its process
-    reruns: int = 0  # write tasks run again: after a worker died holding them, or retried (--retries)
+    reruns: int = 0  # tasks run again: after a worker died holding them, or retried (--retries)
 
 
 @contextlib.contextmanager
@@ -334,12 +334,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         else:
             if resuming:
                 earlier, journaled = read_journal(output.folder)
-                if earlier.get("fingerprint") != header["fingerprint"]:
-                    raise DMergeError(
-                        f"the unfinished merge in {output.folder} was planned differently (the recipe, a parent "
-                        f"model or an option changed since it started: plan {earlier.get('fingerprint')}, now "
-                        f"{header['fingerprint']}); resume with the original command, or pass --overwrite "
-                        "instead of --resume to start again")
+                check_same_plan(output.folder, earlier.get("fingerprint"), header["fingerprint"])
                 fresh = output.prepare(plan.shards, resume=True)
                 done = verified_units(plan, output, [u for u in journaled if u.shard not in fresh])
             else:
@@ -400,7 +395,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             finally:
                 bar.close()
             peaks = _peak_memory(client)
-            reruns = _reruns(client, keys, cluster.retries)
+            reruns = _reruns(client, list(dsk), cluster.retries)
         if to_objects:
             output.commit_shards(plan.shards, parts)
         elif not to_zarr:
@@ -443,8 +438,8 @@ def _abort(output, error: BaseException) -> None:
 
 
 def _reruns(client, keys: list, retries: int) -> int:
-    """How many of the run's write tasks ran more than once: lost with a worker that died
-    (the scheduler counts them as suspicious) or retried after an error."""
+    """How many of the run's tasks ran more than once: lost with a worker that died (the
+    scheduler counts them as suspicious) or retried after an error."""
     def count(dask_scheduler, keys=None, retries=0):
         n = 0
         for key in keys:

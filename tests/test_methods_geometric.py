@@ -430,13 +430,14 @@ def _merge_in_process(recipe: str, out_dir: str, chunk_bytes: int) -> None:
 
     from dmerge.graph import build_graph
     from dmerge.io.output import LocalOutput
+    from dmerge.io.sinks import LocalShard
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
 
     plan = build_plan(load_recipe(recipe), chunk_bytes=chunk_bytes, shard_bytes=100_000)
     output = LocalOutput(out_dir)
     output.prepare(plan.shards)
-    dsk, keys = build_graph(plan, [output.shard_path(s.name) for s in plan.shards], plan.fingerprint())
+    dsk, keys = build_graph(plan, [LocalShard(output.shard_path(s.name)) for s in plan.shards], plan.fingerprint())
     dask.get(dsk, keys)
     output.commit_shards(plan.shards)
     assert min(t.n_chunks for t in plan.tensors if len(t.shape) > 1) >= 2

@@ -15,23 +15,12 @@ import time
 import fsspec
 import pytest
 
-from conftest import shard_bytes, write_recipe
+from conftest import TIES, shard_bytes, write_recipe
 from dmerge.toymodels import LlamaShape, write_family
 from s3stand import S3Stand
 
 # ~29 MiB per model: big enough for several 5 MiB upload parts per shard
 SHAPE = LlamaShape(hidden=512, layers=4, intermediate=1376, heads=8, kv_heads=2, vocab=4096)
-
-TIES = """
-merge_method: ties
-base_model: {base}
-models:
-  - model: {ft1}
-    parameters: {{weight: 0.7, density: 0.4}}
-  - model: {ft2}
-    parameters: {{weight: 0.5, density: 0.6}}
-dtype: bfloat16
-"""
 
 LINEAR = """
 merge_method: linear

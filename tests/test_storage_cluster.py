@@ -140,12 +140,13 @@ def test_bytes_read_is_what_the_store_served(family, tmp_path):
 def test_keys_are_run_scoped_and_stable(family, tmp_path):
     from dmerge.execute import run_id
     from dmerge.graph import build_graph
+    from dmerge.io.sinks import LocalShard
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
 
     def keys(text, out):
         plan = build_plan(load_recipe(text, is_text=True), chunk_bytes=16 << 10)
-        dsk, _ = build_graph(plan, ["shard"] * len(plan.shards), run_id(plan, out))
+        dsk, _ = build_graph(plan, [LocalShard("shard")] * len(plan.shards), run_id(plan, out))
         assert len(dsk) == plan.n_tasks
         return set(dsk)
 
@@ -183,11 +184,12 @@ def test_graph_submitted_in_waves_gives_the_same_bytes(family, tmp_path, monkeyp
     """Waves of whole tensors: each closed under its dependencies, together the graph."""
     import dmerge.execute as execute
     from dmerge.graph import build_graph, waves
+    from dmerge.io.sinks import LocalShard
     from dmerge.plan import build_plan
     from dmerge.recipe import load_recipe
 
     plan = build_plan(load_recipe(TIES.format(**family), is_text=True), chunk_bytes=8 << 10)
-    dsk, keys = build_graph(plan, ["shard"] * len(plan.shards), "r")
+    dsk, keys = build_graph(plan, [LocalShard("shard")] * len(plan.shards), "r")
     parts = waves(dsk, keys, 20)
     assert len(parts) > 5
     merged = {}

@@ -136,6 +136,15 @@ def _line(unit: WriteUnit) -> str:
     return json.dumps(asdict(unit), separators=(",", ":")) + "\n"
 
 
+def check_same_plan(folder: str, earlier: str | None, now: str) -> None:
+    """A resumed run must have the plan fingerprint of the run it continues."""
+    if earlier != now:
+        raise DMergeError(
+            f"the unfinished merge in {folder} was planned differently (the recipe, a parent model or an option "
+            f"changed since it started: plan {earlier}, now {now}); resume with the original command, or pass "
+            "--overwrite instead of --resume to start again")
+
+
 def write_marker(folder: str, resume_command: str | None) -> None:
     """Write the plain-text note that says the folder holds an unfinished merge."""
     how = (f"To continue it, run (from {os.getcwd()}):\n\n    {resume_command}\n" if resume_command
@@ -160,5 +169,5 @@ def remove_journal(folder: str) -> None:
             pass
 
 
-__all__ = ["JOURNAL_NAME", "MARKER_NAME", "WriteUnit", "Journal", "read_journal", "write_marker", "remove_journal",
+__all__ = ["check_same_plan", "JOURNAL_NAME", "MARKER_NAME", "WriteUnit", "Journal", "read_journal", "write_marker", "remove_journal",
            "is_unfinished"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from dmerge.errors import DMergeError
 from dmerge.io import storage
+from dmerge.io.journal import check_same_plan
 from dmerge.io.output import INDEX_NAMES, MERGE_FILES, is_weight_file
 
 MIB = 1 << 20
@@ -194,12 +195,7 @@ class ObjectOutput:
         self._earlier = [n for n in existing if is_weight_file(n) or n in MERGE_FILES]
         done: set = set()
         if earlier_run is not None and resume:
-            if earlier_run.get("fingerprint") != header["fingerprint"]:
-                raise DMergeError(
-                    f"the unfinished merge in {self.folder} was planned differently (the recipe, a parent model "
-                    f"or an option changed since it started: plan {earlier_run.get('fingerprint')}, now "
-                    f"{header['fingerprint']}); resume with the original command, or pass --overwrite instead "
-                    "of --resume to start again")
+            check_same_plan(self.folder, earlier_run.get("fingerprint"), header["fingerprint"])
             self.uploads = {n: u for n, u in earlier_run.get("uploads", {}).items()
                             if n in {s.name for s in plan.shards}}
             expected = {(p.shard, p.number): p.size for p in parts}
