@@ -250,7 +250,11 @@ class _Proposer:
         d = len(start)
         self.dimensions = d
         if strategy == "cmaes":
-            from cmaes import CMA
+            try:
+                from cmaes import CMA
+            except ImportError:
+                raise DMergeError("the cmaes strategy needs the cmaes package (pip install 'dmerge[search]'), "
+                                  "or pass --strategy random") from None
 
             # CMA-ES's weights are undefined below 4 candidates a generation (cmaes divides by zero)
             population = max(4, population or 4 + int(3 * math.log(d)))
