@@ -165,7 +165,7 @@ def test_transient_faults_still_give_identical_bytes(stand, s3_family, tmp_path)
     local = str(tmp_path / "local")
     _merge([write_recipe(tmp_path / "l.yml", LINEAR.format(**folders)), local, *SHARDING], stand)
     stand.reset_counts()
-    stand.faults, stand.fault_every = ["503", "cut", "short"], 3
+    stand.faults, stand.fault_every = ["503", "cut", "short"], 10
     try:
         _merge([write_recipe(tmp_path / "r.yml", LINEAR.format(**urls)), "s3://out/faulty", *SHARDING], stand)
     finally:
