@@ -30,7 +30,7 @@ from dmerge.io.journal import (JOURNAL_FORMAT, JOURNAL_NAME, Journal, WriteUnit,
 from dmerge.io.output import LocalOutput, checksum_range
 from dmerge.plan import Plan
 from dmerge.units import format_bytes
-from dmerge.worker_env import WorkerSetup, host_task_threads, usable_cores
+from dmerge.worker_env import host_task_threads, usable_cores
 
 
 @dataclass
@@ -61,6 +61,8 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
     """A distributed Client: an existing scheduler's, or a fresh in-process LocalCluster."""
     import dask
     from distributed import Client, LocalCluster
+
+    from dmerge.worker_plugin import WorkerSetup
 
     with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.tick.limit": "10s",
                           "distributed.logging.distributed": "error"}):

@@ -31,8 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dmerge.methods import get_method
-from dmerge.tasks import (ChunkJob, compute_statistic, context_of, finalize_statistic, merge_chunk,
-                          statistic_over_chunks, vocab_pad_finalize, vocab_pad_partial)
+from dmerge.methods.base import context_of
 
 
 @dataclass(frozen=True)
@@ -95,6 +94,10 @@ def build_graph(plan, shard_paths: list[str], run_id: str,
                 done: set[tuple[int, int]] | frozenset = frozenset()) -> tuple[dict, list[tuple]]:
     """Return the graph and its output keys (one per chunk write), leaving out the
     writes of ``done``: (tensor index, chunk index) pairs a resumed run has already."""
+    # the task functions import torch: only a run needs them, not planning
+    from dmerge.tasks import (ChunkJob, compute_statistic, finalize_statistic, merge_chunk, statistic_over_chunks,
+                              vocab_pad_finalize, vocab_pad_partial)
+
     names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []

@@ -27,12 +27,10 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
 from dmerge.architecture import LayerName, ModelLayout, architecture_key, layout_of
 from dmerge.errors import InputModelError, RecipeError
 from dmerge.io.model_source import ModelSource, open_model
-from dmerge.io.safetensors_format import (CODE_OF, DTYPE_NAMES, DTYPES, FLOAT_CODES, TORCH_NAME, TensorEntry,
+from dmerge.io.safetensors_format import (DTYPE_NAMES, FLOAT_CODES, TORCH_NAME, promote_codes, TensorEntry,
                                           build_header, itemsize)
 from dmerge.methods import MergeMethod, get_method
 from dmerge.recipe import ModelEntry, OutputSlice, Recipe, SliceSource, resolve_param
@@ -296,16 +294,15 @@ def output_dtype(tensor_name: str, sources: list[SourceTensor], out_dtype: str |
         return first
     if out_dtype:
         return out_dtype
-    promoted = DTYPES[first]
+    promoted = first
     for s in sources[1:]:
-        try:
-            promoted = torch.promote_types(promoted, DTYPES[s.entry.dtype])
-        except RuntimeError:  # float8 types promote with nothing but themselves
+        promoted = promote_codes(promoted, s.entry.dtype)
+        if promoted is None:  # float8 types promote with nothing but themselves
             raise InputModelError(
                 f"tensor {tensor_name}: {sources[0].model} stores {first}, {s.model} stores {s.entry.dtype}, "
                 f"which have no common dtype; set dtype or out_dtype in the recipe"
-            ) from None
-    return CODE_OF[promoted]
+            )
+    return promoted
 
 
 def open_models(recipe: Recipe) -> dict[str, ModelSource]:

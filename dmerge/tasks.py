@@ -20,10 +20,10 @@ from dmerge.allocator import keep_freed_memory
 from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.output import checksum_range, copy_range, write_range
-from dmerge.io.safetensors_format import DTYPES
 from dmerge.methods import ChunkInputs, get_method
-from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, widen
-from dmerge.worker_env import after_task, register_sizeof
+from dmerge.methods.base import context_of
+from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, torch_dtype, widen
+from dmerge.worker_env import after_task
 
 keep_freed_memory()  # workers import this module: tune their allocator once
 
@@ -90,8 +90,8 @@ def read_rows(file: str, entry, row_start: int, row_stop: int) -> tuple[torch.Te
 
 def _as_tensor(buf: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
     if not buf.numel():
-        return torch.empty(shape, dtype=DTYPES[code])
-    return buf.view(DTYPES[code]).reshape(shape)
+        return torch.empty(shape, dtype=torch_dtype(code))
+    return buf.view(torch_dtype(code)).reshape(shape)
 
 
 def _row_shape(tensor, rows: int) -> tuple[int, ...]:
@@ -133,7 +133,7 @@ def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False)
         row_stop=job.row_stop,
         seed=job.seed,
         compute_dtype=dtype if raw else None,
-        out_dtype=DTYPES[tp.dtype],
+        out_dtype=torch_dtype(tp.dtype),
     )
     return inputs, nread
 
@@ -209,16 +209,6 @@ def statistic_over_chunks(jobs: list[ChunkJob], stat_index: int, prior: Reductio
     return finalize_statistic(jobs[0].tensor, stat_index, prior, partials)
 
 
-def context_of(tensor, stats: dict | None = None, row_start: int = 0, row_stop: int | None = None) -> ChunkInputs:
-    """A tensor's resolved parameters as a ChunkInputs without data (for finalize, when,
-    reads), for rows ``[row_start, row_stop)`` (default: the whole tensor)."""
-    return ChunkInputs(
-        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
-        model_params=tensor.model_params, full_shape=tensor.shape, row_start=row_start,
-        row_stop=tensor.rows if row_stop is None else row_stop, stats=dict(stats or {}),
-    )
-
-
 @_inference
 def finalize_statistic(tensor, stat_index: int, prior: Reduction | None, partials: list) -> Reduction:
     """Combine the chunk partials of one statistic; returns all statistics so far."""
@@ -267,7 +257,7 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
     blockwise = method.elementwise and not method.statistics
     inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs or blockwise)
     if blockwise:
-        merged = _merge_blockwise(inputs, method, DTYPES[tp.dtype], COMPUTE_DTYPES[job.compute_dtype])
+        merged = _merge_blockwise(inputs, method, torch_dtype(tp.dtype), COMPUTE_DTYPES[job.compute_dtype])
         return nread, *_finish(job, merged, out_offset)
     needed = method.statistics_for(inputs) if method.statistics else []
     if stats is None and needed:
@@ -281,7 +271,7 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
             stats = _statistic_final(stat, [partial], context_of(tp), stats)
     inputs.stats = dict(stats or {})
     result = method.fn(inputs)
-    return nread, *_finish(job, round_to(result, DTYPES[tp.dtype]), out_offset)
+    return nread, *_finish(job, round_to(result, torch_dtype(tp.dtype)), out_offset)
 
 
 def _write(job: ChunkJob, out_offset: int, data: memoryview) -> tuple[int, int]:
@@ -337,7 +327,6 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-register_sizeof()
 
 __all__ = ["ChunkJob", "Reduction", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
            "vocab_pad_finalize", "context_of", "read_rows"]

@@ -11,16 +11,16 @@ a merge wants, so dmerge sets up each worker itself:
   passes half its memory limit (:mod:`dmerge.allocator`), and Dask's memory accounting
   (``sizeof``) sees what tensors and statistic results really hold.
 
-:class:`WorkerSetup` is a Dask worker plugin: registered by the client, it runs on every
-worker, including those that join or restart after the merge has started.
+:class:`dmerge.worker_plugin.WorkerSetup` is a Dask worker plugin: registered by the
+client, it runs on every worker, including those that join or restart after the merge
+has started. This module imports neither torch nor distributed at import time: tasks
+import it, and tasks also run without a cluster (:mod:`dmerge.threaded`).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from dmerge.allocator import release_if_above
 
@@ -45,28 +45,6 @@ def host_task_threads(workers: dict) -> dict[str, int]:
         host = info.get("host", "")
         totals[host] = totals.get(host, 0) + int(info.get("nthreads", 1))
     return totals
-
-
-class WorkerSetup(WorkerPlugin):
-    """Sets torch's thread count on each worker (see the module docstring).
-
-    ``threads_by_host``: task threads per host when the merge started; a worker on a host
-    not listed counts its own threads only.
-    """
-
-    name = "dmerge-worker-setup"
-
-    def __init__(self, threads_by_host: dict[str, int]):
-        self.threads_by_host = dict(threads_by_host)
-
-    def setup(self, worker) -> None:
-        import torch
-
-        from distributed.comm import get_address_host
-
-        host = get_address_host(worker.address)  # as the scheduler names it (tcp and in-process)
-        threads = max(self.threads_by_host.get(host, 0), worker.state.nthreads)
-        torch.set_num_threads(torch_threads_for(threads))
 
 
 _limit = threading.local()
@@ -107,4 +85,4 @@ def register_sizeof() -> None:
         return sizeof(r.value) + 64
 
 
-__all__ = ["WorkerSetup", "after_task", "register_sizeof", "torch_threads_for", "host_task_threads", "usable_cores"]
+__all__ = ["after_task", "register_sizeof", "torch_threads_for", "host_task_threads", "usable_cores"]

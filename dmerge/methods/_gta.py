@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge import native
 from dmerge.methods import ChunkInputs, Param, merge_method
@@ -113,7 +113,7 @@ def _merge_native(x: ChunkInputs, idx: list[int], sparsifier: Sparsifier | None,
         plain = sparsifier.plain_mask(x, i) if sparsifier is not None else {"kind": ALL}
         if plain is None:
             return False
-        m = native.Model(data=x.tensors[i].data_ptr(), dtype=native.DTYPE_CODES[x.tensors[i].dtype],
+        m = native.Model(data=x.tensors[i].data_ptr(), dtype=native.dtype_codes()[x.tensors[i].dtype],
                          weight=float(w), factor=float(factors.get(i, 1.0)))
         kind = plain["kind"]
         if kind == ALL:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable, Iterator
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge.methods.base import ChunkInputs, Statistic
 from dmerge.numerics import BLOCK_ELEMENTS, GPU_BLOCK_ELEMENTS, widen
@@ -120,7 +120,7 @@ def as_float64(t: torch.Tensor) -> torch.Tensor:
 # A partial is (n_rows, [(level, index, value), ...]): tree nodes not yet combined.
 # Node (level, m) covers global rows [m * 2**level, (m + 1) * 2**level) of n_rows.
 
-TreePartial = tuple[int, list[tuple[int, int, torch.Tensor]]]
+TreePartial = "tuple[int, list[tuple[int, int, torch.Tensor]]]"
 
 
 def _count(n_rows: int, level: int) -> int:

@@ -31,7 +31,7 @@ import hashlib
 import math
 from typing import Any, Callable
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge import native
 from dmerge.methods._reduce import chunk_partial, compute_dtype, row_sums, tree_combine, tree_total
@@ -49,14 +49,18 @@ def non_base_indices(x: ChunkInputs) -> list[int]:
     return [i for i in range(len(x.model_params)) if i != x.base_index]
 
 
-_EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)
+_EXACT_IN_FLOAT32 = ("bfloat16", "float16", "float32")  # dtype names (torch is imported on first use)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rpartition(".")[2]
 
 
 def key_dtype(x: ChunkInputs) -> torch.dtype:
     """float32 when the parents are stored in a type float32 holds exactly (then a float32
     task vector has the same magnitude keys as the float64 one, see :func:`magnitude_key`),
     else the compute dtype. Selection passes need only keys, so they compute in this."""
-    return torch.float32 if all(t.dtype in _EXACT_IN_FLOAT32 for t in x.tensors) else compute_dtype(x)
+    return torch.float32 if all(_dtype_name(t.dtype) in _EXACT_IN_FLOAT32 for t in x.tensors) else compute_dtype(x)
 
 
 def block_task_vectors(xb: ChunkInputs, ids: list[int]) -> dict[int, torch.Tensor]:

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
+from dmerge.lazy import torch
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,16 @@ class Statistic:
 
     def final(self, combined: Any, context: ChunkInputs) -> Any:
         return combined if self.finalize is None else self.finalize(combined, context)
+
+
+def context_of(tensor, stats: dict | None = None, row_start: int = 0, row_stop: int | None = None) -> ChunkInputs:
+    """A tensor's resolved parameters as a ChunkInputs without data (for finalize, when,
+    reads), for rows ``[row_start, row_stop)`` (default: the whole tensor)."""
+    return ChunkInputs(
+        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
+        model_params=tensor.model_params, full_shape=tensor.shape, row_start=row_start,
+        row_stop=tensor.rows if row_stop is None else row_stop, stats=dict(stats or {}),
+    )
 
 
 def _sum_partials(partials: list[Any]) -> Any:

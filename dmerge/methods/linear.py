@@ -6,7 +6,9 @@
 Wortsman et al., "Model soups", https://arxiv.org/abs/2203.05482
 """
 
-import torch
+from __future__ import annotations
+
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 

@@ -4,7 +4,9 @@ Used for frankenmerges (stacking layer ranges of several models). Without ``scal
 the engine copies the bytes without decoding them.
 """
 
-import torch
+from __future__ import annotations
+
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 

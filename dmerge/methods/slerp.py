@@ -17,9 +17,11 @@ Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985,
 https://doi.org/10.1145/325165.325242
 """
 
+
+from __future__ import annotations
 import math
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._reduce import blockwise, gram_statistic

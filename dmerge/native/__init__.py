@@ -27,7 +27,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-import torch
+from dmerge.lazy import torch
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,16 @@ ABI_VERSION = 1
 # -ffp-contract=off: no fused multiply-add, which would round differently from torch.
 CFLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_DTYPE_CODES: dict | None = None
+
+
+def dtype_codes() -> dict:
+    """torch dtype -> the kernels' dtype code (built on first use: importing this module
+    does not import torch)."""
+    global _DTYPE_CODES
+    if _DTYPE_CODES is None:
+        _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+    return _DTYPE_CODES
 MASK_ALL, MASK_NONE, MASK_WINDOW, MASK_RANDOM = 0, 1, 2, 3
 MAX_MODELS = 64
 
@@ -149,7 +158,7 @@ def library() -> ctypes.CDLL | None:
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors: enabled and built, on the CPU,
     contiguous, of a supported dtype."""
-    return (all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in DTYPE_CODES for t in tensors)
+    return (all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in dtype_codes() for t in tensors)
             and library() is not None)
 
 
@@ -162,9 +171,9 @@ def gta_merge(base: torch.Tensor, models: list[Model], *, element_offset: int, c
     lib = library()
     assert lib is not None and base.shape == out.shape and 0 < len(models) <= MAX_MODELS
     array = (Model * len(models))(*models)
-    rc = lib.dm_gta_merge(base.data_ptr(), DTYPE_CODES[base.dtype], base.numel(), element_offset,
+    rc = lib.dm_gta_merge(base.data_ptr(), dtype_codes()[base.dtype], base.numel(), element_offset,
                           array, len(models), int(consensus), int(normalize), float(total_weight),
-                          float(lam), out.data_ptr(), DTYPE_CODES[out.dtype])
+                          float(lam), out.data_ptr(), dtype_codes()[out.dtype])
     if rc != 0:
         raise RuntimeError("dm_gta_merge: bad arguments")
 
@@ -181,12 +190,12 @@ def magnitude_histograms(base: torch.Tensor, tensors: list[torch.Tensor], hists:
     n = len(tensors)
     width = max(1, max(len(p) for p in predicted))
     xs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
-    dts = (ctypes.c_int32 * n)(*[DTYPE_CODES[t.dtype] for t in tensors])
+    dts = (ctypes.c_int32 * n)(*[dtype_codes()[t.dtype] for t in tensors])
     hs = (ctypes.c_void_p * n)(*[h.data_ptr() for h in hists])
     flat = [b for p in predicted for b in (list(p) + [-1] * (width - len(p)))]
     pb = (ctypes.c_int32 * len(flat))(*flat)
     npb = (ctypes.c_int32 * n)(*[len(p) for p in predicted])
-    rc = lib.dm_magnitude_histograms(base.data_ptr(), DTYPE_CODES[base.dtype], xs, dts, n, base.numel(), hs,
+    rc = lib.dm_magnitude_histograms(base.data_ptr(), dtype_codes()[base.dtype], xs, dts, n, base.numel(), hs,
                                      pb, npb, width)
     if rc != 0:
         raise RuntimeError("dm_magnitude_histograms: bad arguments")
