@@ -20,6 +20,7 @@ import it, and tasks also run without a cluster (:mod:`dmerge.threaded`).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 from dmerge.allocator import release_if_above
@@ -48,16 +49,26 @@ def host_task_threads(workers: dict) -> dict[str, int]:
 
 
 _limit = threading.local()
+_process_limit: int | None = None  # a merge without a cluster: this process's limit
+
+
+def set_process_memory_limit(limit: int | None) -> None:
+    """The memory limit of tasks run outside a Dask worker (:mod:`dmerge.threaded`)."""
+    global _process_limit
+    _process_limit = limit
 
 
 def _worker_memory_limit() -> int | None:
-    """The memory limit of the worker running this thread (None outside a worker)."""
-    try:
-        from distributed import get_worker
+    """The memory limit of the worker running this thread; outside a worker, the
+    process's (:func:`set_process_memory_limit`)."""
+    if "distributed" in sys.modules:  # never imported just to learn there is no worker
+        try:
+            from distributed import get_worker
 
-        return get_worker().memory_manager.memory_limit
-    except (ImportError, ValueError, AttributeError):
-        return None
+            return get_worker().memory_manager.memory_limit
+        except (ImportError, ValueError, AttributeError):
+            pass
+    return _process_limit
 
 
 def after_task() -> None:

@@ -237,3 +237,68 @@ def test_fine_pass_kernel_gives_the_torch_bytes(monkeypatch, case, guess):
     monkeypatch.setenv("DMERGE_NATIVE", "0")
     reference = run_chunks(name, tensors, params, model_params, [9, 30], torch.bfloat16)
     same_bits(fused, reference)
+
+
+# linear and passthrough's scale: the weighted-sum kernel. Every source is weighted
+# (linear's weight applies to all of them); passthrough has one source.
+WEIGHTED_CASES = {
+    "linear": ("linear", {}, [0.5, 0.3, 0.2, 0.1]),
+    "linear_thirds": ("linear", {}, [1 / 3, 1 / 3, 1 / 3, 1 / 7]),
+    "linear_unnormalized": ("linear", {"normalize": False}, [0.25, 0.75, -1.5, 1e-3]),
+    "linear_cancelling": ("linear", {}, [1.0, -1.0, 0.5, 0.0]),
+    "passthrough_scale": ("passthrough", {}, [0.37]),
+    "passthrough_scale_negative": ("passthrough", {}, [-3.0]),
+    "passthrough_no_scale": ("passthrough", {}, [None]),
+}
+
+
+def run_weighted(name: str, tensors: list[torch.Tensor], shared: dict, values: list, row_splits: list[int],
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    method = get_method(name)
+    params = {p.name: shared.get(p.name, p.default) for p in method.params}
+    key = method.model_params[0].name
+    model_params = [{key: v} for v in values]
+    bounds = [0, *row_splits, SHAPE[0]]
+    return torch.cat([method.fn(ChunkInputs(
+        tensor_name="model.layers.0.mlp.up_proj.weight", tensors=[t[r0:r1] for t in tensors[:len(values)]],
+        base_index=None, params=params, model_params=model_params, full_shape=SHAPE, row_start=r0, row_stop=r1,
+        compute_dtype=torch.float64, out_dtype=out_dtype)) for r0, r1 in zip(bounds, bounds[1:])])
+
+
+@pytest.mark.parametrize("case", list(WEIGHTED_CASES))
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                 (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float64), (torch.float64, torch.bfloat16)])
+def test_weighted_sum_kernel_gives_the_torch_bytes(monkeypatch, case, in_dtype, out_dtype):
+    name, shared, values = WEIGHTED_CASES[case]
+    tensors = parents(zlib.crc32(case.encode()), 3, in_dtype, specials=in_dtype != torch.float32)
+    calls = []
+    real = native.weighted_sum
+    monkeypatch.setattr(native, "weighted_sum", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for splits in ([], [3, 17, 18, 30]):
+        fused = run_weighted(name, tensors, shared, values, splits, out_dtype)
+        monkeypatch.setenv("DMERGE_NATIVE", "0")
+        reference = run_weighted(name, tensors, shared, values, splits, out_dtype)
+        monkeypatch.delenv("DMERGE_NATIVE")
+        same_bits(fused, reference)
+    assert len(calls) == 6  # the kernel ran (1 + 5 chunks); the reference did not
+
+
+def test_weighted_sum_rounds_products_and_sums_apart(monkeypatch):
+    """Each product and each sum is rounded on its own, as the torch path does: a fused
+    multiply-add would give another value here (checked in exact rational arithmetic)."""
+    from fractions import Fraction
+
+    a = torch.tensor([float.fromhex("0x1.d66b829d52152p+0")] * 19, dtype=torch.float64)  # 19: vector body and tail
+    b = torch.tensor([float.fromhex("0x1.8e73ca5d82919p+0")] * 19, dtype=torch.float64)
+    w = float.fromhex("0x1.5b2b5378f5c39p-1")
+    x = ChunkInputs(tensor_name="t", tensors=[a, b], base_index=None, params={"normalize": False},
+                    model_params=[{"weight": 1.0}, {"weight": w}], full_shape=(19,), row_start=0, row_stop=19,
+                    compute_dtype=torch.float64, out_dtype=torch.float64)
+    product = float(Fraction(b[0].item()) * Fraction(w))
+    apart = float(Fraction(a[0].item()) + Fraction(product))
+    assert apart != float(Fraction(a[0].item()) + Fraction(b[0].item()) * Fraction(w))  # a case that tells them apart
+    fused = get_method("linear").fn(x)
+    monkeypatch.setenv("DMERGE_NATIVE", "0")
+    reference = get_method("linear").fn(x)
+    assert fused.tolist() == reference.tolist() == [apart] * 19

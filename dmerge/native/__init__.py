@@ -32,7 +32,7 @@ from dmerge.lazy import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gta.c")
-ABI_VERSION = 1
+ABI_VERSION = 2
 # -ffp-contract=off: no fused multiply-add, which would round differently from torch.
 CFLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 
@@ -133,6 +133,11 @@ def _load() -> ctypes.CDLL | None:
         ctypes.POINTER(Model), ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
         ctypes.c_double, ctypes.c_double, ctypes.c_void_p, ctypes.c_int32,
     ]
+    lib.dm_weighted_sum.restype = ctypes.c_int
+    lib.dm_weighted_sum.argtypes = [
+        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_double),
+        ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_double, ctypes.c_void_p, ctypes.c_int32,
+    ]
     lib.dm_magnitude_histograms.restype = ctypes.c_int
     lib.dm_magnitude_histograms.argtypes = [
         ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int32),
@@ -176,6 +181,24 @@ def gta_merge(base: torch.Tensor, models: list[Model], *, element_offset: int, c
                           float(lam), out.data_ptr(), dtype_codes()[out.dtype])
     if rc != 0:
         raise RuntimeError("dm_gta_merge: bad arguments")
+
+
+def weighted_sum(tensors: list, weights: list[float], divisor: float | None, out) -> None:
+    """Run ``dm_weighted_sum`` over all elements: ``out = (x_0 w_0 + x_1 w_1 + ...) [/ divisor]``
+    in float64 (each product and sum rounded, in model order), rounded once to ``out``'s
+    dtype. The tensors are shaped like ``out``, contiguous, on the CPU."""
+    lib = library()
+    n = len(tensors)
+    assert lib is not None and 0 < n <= MAX_MODELS and len(weights) == n
+    assert all(t.numel() == out.numel() for t in tensors)
+    codes = dtype_codes()
+    xs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
+    dts = (ctypes.c_int32 * n)(*[codes[t.dtype] for t in tensors])
+    ws = (ctypes.c_double * n)(*[float(w) for w in weights])
+    rc = lib.dm_weighted_sum(xs, dts, ws, n, out.numel(), int(divisor is not None),
+                             float(divisor if divisor is not None else 1.0), out.data_ptr(), codes[out.dtype])
+    if rc != 0:
+        raise RuntimeError("dm_weighted_sum: bad arguments")
 
 
 def magnitude_histograms(base: torch.Tensor, tensors: list[torch.Tensor], hists: list[torch.Tensor],

@@ -273,6 +273,30 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
     return 0;
 }
 
+/* Weighted sum (linear, passthrough's scale; dmerge/methods/_weighted.py) of n elements:
+ * acc = x_0 * w_0, then acc = acc + x_i * w_i in model order (a product, rounded, then a
+ * sum, rounded: never fused), then acc / divisor when divide; rounded once to out_dtype. */
+int dm_weighted_sum(const void **xs, const int32_t *x_dtypes, const double *weights, int32_t n_models, int64_t n,
+                    int32_t divide, double divisor, void *out, int32_t out_dtype) {
+    if (n_models < 1 || n_models > MAX_MODELS) return -1;
+    double acc[BLOCK], x[BLOCK];
+    for (int64_t at = 0; at < n; at += BLOCK) {
+        int m = (int)(n - at < BLOCK ? n - at : BLOCK);
+        widen_f64(xs[0], x_dtypes[0], at, m, acc);
+        double w0 = weights[0];
+        for (int j = 0; j < m; j++) acc[j] = acc[j] * w0;
+        for (int i = 1; i < n_models; i++) {
+            double w = weights[i];
+            widen_f64(xs[i], x_dtypes[i], at, m, x);
+            for (int j = 0; j < m; j++) acc[j] = acc[j] + x[j] * w;
+        }
+        if (divide)
+            for (int j = 0; j < m; j++) acc[j] = acc[j] / divisor;
+        store(acc, m, out, out_dtype, at);
+    }
+    return 0;
+}
+
 /* Radix-select coarse pass (RankSelect._coarse_chunk with magnitude keys of task
  * vectors): for each model i, the float32 key bits(|x_i - base|) (subtracted in
  * float32) of each of n elements is counted in hists[i] at its coarse bucket
@@ -366,4 +390,4 @@ done:
     return rc;
 }
 
-int dm_abi_version(void) { return 1; }
+int dm_abi_version(void) { return 2; }
