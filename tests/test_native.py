@@ -302,3 +302,41 @@ def test_weighted_sum_rounds_products_and_sums_apart(monkeypatch):
     monkeypatch.setenv("DMERGE_NATIVE", "0")
     reference = get_method("linear").fn(x)
     assert fused.tolist() == reference.tolist() == [apart] * 19
+
+
+@pytest.mark.parametrize("case", ["dare_ties", "dare_linear", "dare_linear_negative"])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rescale_kernel_draws_once_and_gives_the_torch_bytes(monkeypatch, case, in_dtype):
+    """A one-chunk tensor, as the engine runs it (statistics, then the merge, on the same
+    inputs): the rescale statistic's kernel draws the keep-masks and the write pass uses
+    its bits (MASK_BITS) instead of drawing again; statistic and output bytes are the
+    torch path's. Keyed bits are drawn once per element: counted through the kernels'
+    mask kinds."""
+    name, shared, per_model = CASES[case]
+    method = get_method(name)
+    params, model_params = resolved(method, shared, per_model)
+    tensors = parents(zlib.crc32(case.encode()) + 1, len(per_model), in_dtype, specials=in_dtype != torch.float32)
+
+    def one_chunk() -> tuple[dict, torch.Tensor]:
+        x = ChunkInputs(tensor_name="model.layers.0.mlp.up_proj.weight", tensors=list(tensors), base_index=0,
+                        params=params, model_params=model_params, full_shape=SHAPE, row_start=0, row_stop=SHAPE[0],
+                        seed=5, compute_dtype=torch.float64, out_dtype=torch.bfloat16)
+        stats = {}
+        for _, stat in method.statistics_for(x):
+            x.stats = dict(stats)
+            stats[stat.name] = stat.final(stat.combine_all([stat.chunk(x)]), x)
+        x.stats = dict(stats)
+        return stats, method.fn(x)
+
+    kinds = []
+    real = native.gta_merge
+    monkeypatch.setattr(native, "gta_merge", lambda base, models, **k: (kinds.extend(m.mask for m in models),
+                                                                         real(base, models, **k))[1])
+    stats, fused = one_chunk()
+    monkeypatch.setenv("DMERGE_NATIVE", "0")
+    reference_stats, reference = one_chunk()
+    monkeypatch.delenv("DMERGE_NATIVE")
+    assert repr(stats) == repr(reference_stats) and stats["rescale"]  # repr: a NaN factor equals a NaN
+    same_bits(fused, reference)
+    random_models = sum(0 < p.get("density", 1) < 1 for p in per_model)
+    assert kinds.count(native.MASK_BITS) == random_models and native.MASK_RANDOM not in kinds, kinds

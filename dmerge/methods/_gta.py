@@ -30,7 +30,7 @@ from dmerge.lazy import torch
 from dmerge import native
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._reduce import compute_dtype, row_blocks
-from dmerge.methods._sparsify import ALL, NONE, Sparsifier, non_base_indices, rescale_statistic
+from dmerge.methods._sparsify import ALL, NONE, Sparsifier, keep_bits_key, non_base_indices, rescale_statistic
 from dmerge.numerics import round_to, widen
 
 def gta_params(*, normalize: bool, rescale: bool) -> list[Param]:
@@ -133,6 +133,9 @@ def _merge_native(x: ChunkInputs, idx: list[int], sparsifier: Sparsifier | None,
         elif kind == "random":
             m.mask = native.MASK_RANDOM
             m.key, m.threshold = plain["key"], plain["threshold"]
+            bits = x.scratch.get(keep_bits_key(x, i, plain))
+            if bits is not None:  # drawn by the rescale statistic on these rows: not drawn again
+                m.mask, m.keep_bits = native.MASK_BITS, bits.data_ptr()
         else:
             return False
         models.append(m)

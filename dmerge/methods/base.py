@@ -138,6 +138,10 @@ class ChunkInputs:
     # dmerge.numerics.round_to): block-wise methods do, so no chunk-sized compute-dtype
     # result is ever held. None: return the compute dtype, the engine rounds.
     out_dtype: torch.dtype | None = None
+    # What one step of a task leaves for a later step of the same task, on the same rows:
+    # the keep-mask bits DARE's rescale statistic drew, which the write pass of a
+    # one-chunk tensor then uses instead of drawing them again (see keep_bits_key).
+    scratch: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def base(self) -> torch.Tensor:

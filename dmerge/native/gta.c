@@ -14,13 +14,16 @@
  * Built on first use by dmerge/native/__init__.py; loaded through ctypes, which releases
  * the GIL for the duration of a call, so Dask's worker threads run these in parallel.
  */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "apply_random reads the halves of 64-bit words in little-endian order"
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_F64 = 3 };
-enum { MASK_ALL = 0, MASK_NONE = 1, MASK_WINDOW = 2, MASK_RANDOM = 3 };
+enum { MASK_ALL = 0, MASK_NONE = 1, MASK_WINDOW = 2, MASK_RANDOM = 3, MASK_BITS = 4 };
 
 #define BLOCK 1024          /* elements per step: a few float64 rows of this stay in L1 */
 #define MAX_MODELS 64
@@ -151,6 +154,9 @@ typedef struct {
     /* MASK_RANDOM: keep where keyed bits < threshold */
     uint64_t key;
     int64_t threshold;
+    /* MASK_BITS: keep where bit j (little-endian within bytes) of these is set, j the
+       element's index in this call: the MASK_RANDOM bits dm_masked_l1_rows recorded */
+    const uint8_t *keep_bits;
 } dm_model;
 
 static void apply_window(dm_model *m, const double *d, int32_t *keys, double *keep, int n) {
@@ -182,13 +188,35 @@ static void apply_window(dm_model *m, const double *d, int32_t *keys, double *ke
     }
 }
 
+/* keep[j] = keyed bits of element first + j < threshold. One splitmix64 output serves two
+ * elements (low half: even index, high half: odd), so each is computed once: a loop
+ * over counters into z[], then one over elements (both vectorize). */
 static void apply_random(const dm_model *m, int64_t first, double *keep, int n) {
+    if (n <= 0) return;
     int64_t thr = m->threshold;
-    for (int j = 0; j < n; j++) {
+    uint64_t key = m->key;
+    uint64_t c0 = (uint64_t)first >> 1;
+    int skip = (int)(first & 1); /* element 0 takes the high half of counter c0 */
+    int pairs = (n + skip + 1) / 2;
+    uint64_t z[BLOCK / 2 + 1];
+    for (int p = 0; p < pairs; p++) z[p] = splitmix64(key, c0 + (uint64_t)p);
+    const uint32_t *halves = (const uint32_t *)z; /* little-endian: [2p] low, [2p + 1] high */
+    for (int j = 0; j < n; j++) keep[j] = (double)((int64_t)halves[j + skip] < thr);
+}
+
+static void apply_bits(const dm_model *m, int64_t first, double *keep, int n) {
+    const uint8_t *bits = m->keep_bits;
+    int j = 0;
+    if ((first & 7) == 0) { /* whole bytes (blocks start at multiples of BLOCK): 8 elements each */
+        const uint8_t *by = bits + (first >> 3);
+        for (; j + 8 <= n; j += 8) {
+            uint32_t b = by[j >> 3];
+            for (int k = 0; k < 8; k++) keep[j + k] = (double)((b >> k) & 1);
+        }
+    }
+    for (; j < n; j++) {
         uint64_t e = (uint64_t)(first + j);
-        uint64_t z = splitmix64(m->key, e >> 1);
-        int64_t bits = (int64_t)((e & 1) ? (z >> 32) : (z & 0xFFFFFFFFull));
-        keep[j] = (double)(bits < thr);
+        keep[j] = (double)((bits[e >> 3] >> (e & 7)) & 1);
     }
 }
 
@@ -215,9 +243,10 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
             for (int j = 0; j < m; j++) d[j] = d[j] - b[j];
             if (md->mask == MASK_NONE) {
                 for (int j = 0; j < m; j++) d[j] = 0.0;
-            } else if (md->mask == MASK_WINDOW || md->mask == MASK_RANDOM) {
+            } else if (md->mask == MASK_WINDOW || md->mask == MASK_RANDOM || md->mask == MASK_BITS) {
                 if (md->mask == MASK_WINDOW) apply_window(md, d, keys, keep, m);
-                else apply_random(md, element_offset + at, keep, m);
+                else if (md->mask == MASK_RANDOM) apply_random(md, element_offset + at, keep, m);
+                else apply_bits(md, at, keep, m);
                 for (int j = 0; j < m; j++) d[j] = d[j] * keep[j];
                 if (md->factor != 1.0) {
                     double f = md->factor;
@@ -268,6 +297,72 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
             for (int j = 0; j < m; j++) mixed[j] = mixed[j] * lam;
         for (int j = 0; j < m; j++) mixed[j] = mixed[j] + b[j];
         store(mixed, m, out, out_dtype, at);
+    }
+    free(buf);
+    return 0;
+}
+
+/* Sum of a row's n values in dmerge.methods._reduce.lastdim_sum's order: a pairwise tree
+ * (element i plus element i + n/2, an odd last element added to element 0), in place. */
+static double pairwise_row_sum(double *v, int64_t n) {
+    if (n == 0) return 0.0;
+    while (n > 1) {
+        int64_t h = n / 2;
+        for (int64_t i = 0; i < h; i++) v[i] = v[i] + v[i + h];
+        if (n % 2) v[0] = v[0] + v[2 * h];
+        n = h;
+    }
+    return v[0];
+}
+
+/* DARE's rescale statistic (rescale_statistic in dmerge/methods/_sparsify.py) on a chunk
+ * of `rows` rows of `cols` elements: for each model i, per row, the sums of |x_i - base|
+ * and of |x_i - base| * keep_i (float64, lastdim_sum's order) into
+ * out[row * 2 * n_models + 2 * i] and [... + 1]. Masks: MASK_ALL (both sums the same),
+ * MASK_NONE (kept sum 0), MASK_RANDOM (element_offset: flat index of the chunk's first
+ * element in the whole tensor). Where bits[i] is not NULL the drawn keep-mask is stored
+ * there (ceil(rows * cols / 8) bytes, see MASK_BITS), so the write pass of the same chunk
+ * uses these bits instead of drawing them again. Returns 0, or -1 on bad arguments. */
+int dm_masked_l1_rows(const void *base, int32_t base_dtype, int64_t rows, int64_t cols, int64_t element_offset,
+                      const dm_model *models, int32_t n_models, double *out, uint8_t **bits) {
+    if (n_models < 1 || n_models > MAX_MODELS || cols < 0 || rows < 0) return -1;
+    for (int i = 0; i < n_models; i++) {
+        int mk = models[i].mask;
+        if (mk != MASK_ALL && mk != MASK_NONE && mk != MASK_RANDOM) return -1;
+    }
+    size_t width = cols > 0 ? (size_t)cols : 1;
+    double *buf = (double *)malloc(sizeof(double) * (2 * width + 3 * BLOCK));
+    if (!buf) return -1;
+    double *a = buf, *kept = buf + width, *b = buf + 2 * width, *x = b + BLOCK, *keep = x + BLOCK;
+    for (int i = 0; i < n_models; i++) {
+        const dm_model *md = &models[i];
+        uint8_t *mbits = bits ? bits[i] : NULL;
+        if (mbits) memset(mbits, 0, (size_t)((rows * cols + 7) / 8));
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t row0 = r * cols;
+            for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
+                int m = (int)(cols - c0 < BLOCK ? cols - c0 : BLOCK);
+                widen_f64(base, base_dtype, row0 + c0, m, b);
+                widen_f64(md->data, md->dtype, row0 + c0, m, x);
+                double *ar = a + c0, *kr = kept + c0;
+                for (int j = 0; j < m; j++) ar[j] = fabs(x[j] - b[j]);
+                if (md->mask == MASK_RANDOM) {
+                    apply_random(md, element_offset + row0 + c0, keep, m);
+                    for (int j = 0; j < m; j++) kr[j] = ar[j] * keep[j];
+                    if (mbits)
+                        for (int j = 0; j < m; j++) {
+                            int64_t e = row0 + c0 + j;
+                            mbits[e >> 3] |= (uint8_t)((keep[j] != 0.0) << (e & 7));
+                        }
+                }
+            }
+            double before = pairwise_row_sum(a, cols), after;
+            if (md->mask == MASK_ALL) after = before;
+            else if (md->mask == MASK_NONE) after = 0.0;
+            else after = pairwise_row_sum(kept, cols);
+            out[r * 2 * n_models + 2 * i] = before;
+            out[r * 2 * n_models + 2 * i + 1] = after;
+        }
     }
     free(buf);
     return 0;
@@ -390,4 +485,4 @@ done:
     return rc;
 }
 
-int dm_abi_version(void) { return 2; }
+int dm_abi_version(void) { return 3; }
