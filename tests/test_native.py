@@ -340,3 +340,40 @@ def test_rescale_kernel_draws_once_and_gives_the_torch_bytes(monkeypatch, case, 
     same_bits(fused, reference)
     random_models = sum(0 < p.get("density", 1) < 1 for p in per_model)
     assert kinds.count(native.MASK_BITS) == random_models and native.MASK_RANDOM not in kinds, kinds
+
+
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                                 (torch.float32, torch.bfloat16), (torch.float64, torch.float16)])
+@pytest.mark.parametrize("shape", [SHAPE, (6, 1), (7,), (5, 3, 9)])
+def test_slerp_kernels_give_the_torch_bytes(monkeypatch, in_dtype, out_dtype, shape):
+    """slerp's Gram statistic (per-row dot products, pairwise) and its write pass (a
+    weighted sum of two sources) by the kernels and by torch: the same statistics, the
+    same bytes; the base listed second, and rows of odd, even and single length."""
+    g = torch.Generator().manual_seed(len(shape))
+    a = torch.randn(shape, generator=g, dtype=torch.float64)
+    tensors = [(a + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(in_dtype), a.to(in_dtype)]
+    method = get_method("slerp")
+    calls = []
+    for fn in ("gram_rows", "weighted_sum"):
+        real = getattr(native, fn)
+        monkeypatch.setattr(native, fn, lambda *args, _real=real, _fn=fn, **k: (calls.append(_fn), _real(*args, **k))[1])
+    rows = shape[0]
+    bounds = [0, 2, 3, rows] if rows > 3 else [0, rows]
+
+    def run() -> tuple[dict, torch.Tensor]:
+        def chunk(r0, r1, stats):
+            return ChunkInputs(tensor_name="model.layers.1.mlp.up_proj.weight", tensors=[t[r0:r1] for t in tensors],
+                               base_index=1, params={"t": 0.3}, model_params=[{}, {}], full_shape=shape,
+                               row_start=r0, row_stop=r1, compute_dtype=torch.float64, out_dtype=out_dtype,
+                               stats=dict(stats))
+        stat = method.statistics[0]
+        partials = [stat.chunk(chunk(r0, r1, {})) for r0, r1 in zip(bounds, bounds[1:])]
+        stats = {stat.name: stat.final(stat.combine_all(partials[::-1]), chunk(0, rows, {}))}
+        return stats, torch.cat([method.fn(chunk(r0, r1, stats)) for r0, r1 in zip(bounds, bounds[1:])])
+
+    stats, fused = run()
+    assert "gram_rows" in calls and "weighted_sum" in calls
+    monkeypatch.setenv("DMERGE_NATIVE", "0")
+    reference_stats, reference = run()
+    assert stats == reference_stats
+    same_bits(fused, reference)

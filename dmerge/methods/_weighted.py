@@ -25,16 +25,19 @@ from dmerge.methods._reduce import compute_dtype
 from dmerge.numerics import BLOCK_ELEMENTS, GPU_BLOCK_ELEMENTS, round_to, widen
 
 
-def weighted_sum(x: ChunkInputs, weights: list[float], divisor: float | None) -> torch.Tensor:
-    """``sum_i weights[i] * x.tensors[i]`` [``/ divisor``], rounded to ``x.out_dtype``."""
+def weighted_sum(x: ChunkInputs, weights: list[float], divisor: float | None,
+                 tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``sum_i weights[i] * tensors[i]`` [``/ divisor``] (default tensors: all of
+    ``x.tensors``, in order), rounded to ``x.out_dtype``."""
+    tensors = list(x.tensors) if tensors is None else tensors
     dtype = compute_dtype(x)
     out_dtype = x.out_dtype or dtype
-    ref = x.tensors[0]
+    ref = tensors[0]
     out = torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
-    if dtype == torch.float64 and len(x.tensors) <= native.MAX_MODELS and native.usable(out, *x.tensors):
-        native.weighted_sum(list(x.tensors), weights, divisor, out)
+    if dtype == torch.float64 and len(tensors) <= native.MAX_MODELS and native.usable(out, *tensors):
+        native.weighted_sum(tensors, weights, divisor, out)
         return out
-    flat = [t.reshape(-1) for t in x.tensors]
+    flat = [t.reshape(-1) for t in tensors]
     flat_out = out.view(-1)
     n = flat_out.numel()
     step = BLOCK_ELEMENTS if ref.device.type == "cpu" else GPU_BLOCK_ELEMENTS

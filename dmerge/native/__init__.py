@@ -32,7 +32,7 @@ from dmerge.lazy import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gta.c")
-ABI_VERSION = 3
+ABI_VERSION = 4
 # -ffp-contract=off: no fused multiply-add, which would round differently from torch.
 CFLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 # For the CPU it runs on: the kernels are loops over float64 and 64-bit integer lanes
@@ -177,6 +177,11 @@ def _load() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.POINTER(Model), ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
     ]
+    lib.dm_gram_rows.restype = ctypes.c_int
+    lib.dm_gram_rows.argtypes = [
+        ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p,
+    ]
     lib.dm_weighted_sum.restype = ctypes.c_int
     lib.dm_weighted_sum.argtypes = [
         ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_double),
@@ -247,6 +252,20 @@ def masked_l1_rows(base, models: list[Model], rows: int, cols: int, element_offs
     if rc != 0:
         raise RuntimeError("dm_masked_l1_rows: bad arguments")
     return out, bits
+
+
+def gram_rows(tensors: list, rows: int, cols: int):
+    """Run ``dm_gram_rows``: per row (``rows`` x ``cols`` elements of each tensor), the
+    inner products of every pair ``i <= j``, a float64 tensor ``[rows, m (m + 1) / 2]``."""
+    lib = library()
+    m = len(tensors)
+    assert lib is not None and 0 < m <= MAX_MODELS and all(t.numel() == rows * cols for t in tensors)
+    out = torch.empty((rows, m * (m + 1) // 2), dtype=torch.float64)
+    xs = (ctypes.c_void_p * m)(*[t.data_ptr() for t in tensors])
+    dts = (ctypes.c_int32 * m)(*[dtype_codes()[t.dtype] for t in tensors])
+    if lib.dm_gram_rows(xs, dts, m, rows, cols, out.data_ptr()) != 0:
+        raise RuntimeError("dm_gram_rows: bad arguments")
+    return out
 
 
 def weighted_sum(tensors: list, weights: list[float], divisor: float | None, out) -> None:

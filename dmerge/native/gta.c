@@ -368,6 +368,42 @@ int dm_masked_l1_rows(const void *base, int32_t base_dtype, int64_t rows, int64_
     return 0;
 }
 
+/* Per-row inner products of m vectors (gram_rows in dmerge/methods/_reduce.py): for
+ * every pair i <= j in row-major upper-triangle order, per row of `cols` elements,
+ * dot_rows' order: y[t] = v_i[t] v_j[t] + v_i[t + h] v_j[t + h] (h = cols / 2; an odd
+ * last product added to y[0]), then lastdim_sum's pairwise tree over y. Into
+ * out[row * m (m + 1) / 2 + pair]. Returns 0, or -1 on bad arguments. */
+int dm_gram_rows(const void **xs, const int32_t *x_dtypes, int32_t m, int64_t rows, int64_t cols, double *out) {
+    if (m < 1 || m > MAX_MODELS || rows < 0 || cols < 0) return -1;
+    size_t width = cols > 0 ? (size_t)cols : 1;
+    double *buf = (double *)malloc(sizeof(double) * width * (size_t)(m + 1));
+    if (!buf) return -1;
+    double *y = buf + width * (size_t)m;
+    int64_t pairs = (int64_t)m * (m + 1) / 2, h = cols / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int k = 0; k < m; k++)
+            for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
+                int n = (int)(cols - c0 < BLOCK ? cols - c0 : BLOCK);
+                widen_f64(xs[k], x_dtypes[k], r * cols + c0, n, buf + width * (size_t)k + c0);
+            }
+        int64_t p = 0;
+        for (int i = 0; i < m; i++)
+            for (int j = i; j < m; j++, p++) {
+                const double *a = buf + width * (size_t)i, *b = buf + width * (size_t)j;
+                double total;
+                if (cols < 2) total = cols ? a[0] * b[0] : 0.0;
+                else {
+                    for (int64_t t = 0; t < h; t++) y[t] = a[t] * b[t] + a[t + h] * b[t + h];
+                    if (cols % 2) y[0] = y[0] + a[2 * h] * b[2 * h];
+                    total = pairwise_row_sum(y, h);
+                }
+                out[r * pairs + p] = total;
+            }
+    }
+    free(buf);
+    return 0;
+}
+
 /* Weighted sum (linear, passthrough's scale; dmerge/methods/_weighted.py) of n elements:
  * acc = x_0 * w_0, then acc = acc + x_i * w_i in model order (a product, rounded, then a
  * sum, rounded: never fused), then acc / divisor when divide; rounded once to out_dtype. */
@@ -485,4 +521,4 @@ done:
     return rc;
 }
 
-int dm_abi_version(void) { return 3; }
+int dm_abi_version(void) { return 4; }
