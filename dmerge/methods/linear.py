@@ -29,6 +29,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     model_params=[Param("weight", required=True, doc="coefficient of this model")],
     check=_check,
     raw_inputs=True,  # widened block by block (or in the C kernel), rounded as each block is done
+    work_tensors=0,  # so no chunk-sized temporary
     reference="https://arxiv.org/abs/2203.05482",
 )
 def linear(x: ChunkInputs) -> torch.Tensor:

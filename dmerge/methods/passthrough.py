@@ -19,7 +19,7 @@ from dmerge.methods._weighted import weighted_sum
     copies_bytes=True,
     single_source=True,
     raw_inputs=True,
-    work_tensors=1,
+    work_tensors=0,  # scaled and rounded block by block: no chunk-sized temporary
 )
 def passthrough(x: ChunkInputs) -> torch.Tensor:
     """The single source tensor, times ``scale`` when given."""

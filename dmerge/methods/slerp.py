@@ -56,7 +56,7 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     requires_base=True,
     params=[Param("t", required=True, doc="interpolation factor: 0 = base model, 1 = the other model")],
     statistics=[gram_statistic("slerp", lambda x: list(_pair(x)), _coefficients, sources=True)],
-    work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    work_tensors=0,  # no chunk-sized temporary: rows are rounded to the output as each block is done
     raw_inputs=True,
     check=_check,
     reference="https://doi.org/10.1145/325165.325242",
