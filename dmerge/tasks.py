@@ -21,7 +21,7 @@ from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.output import checksum_range, copy_range, write_range
 from dmerge.methods import ChunkInputs, get_method
-from dmerge.methods.base import context_of
+from dmerge.methods.base import NONFINITE_OUTPUTS, context_of
 from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, torch_dtype, widen
 from dmerge.worker_env import after_task
 
@@ -271,7 +271,9 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
             stats = _statistic_final(stat, [partial], context_of(tp), stats)
     inputs.stats = dict(stats or {})
     result = method.fn(inputs)
-    return nread, *_finish(job, round_to(result, torch_dtype(tp.dtype)), out_offset)
+    # a fused kernel that wrote the rows counted their NaN/Inf already
+    return nread, *_finish(job, round_to(result, torch_dtype(tp.dtype)), out_offset,
+                           inputs.scratch.get(NONFINITE_OUTPUTS))
 
 
 def _write(job: ChunkJob, out_offset: int, data: memoryview) -> tuple[int, int]:
@@ -300,15 +302,15 @@ def _merge_blockwise(inputs: ChunkInputs, method, out_dtype: torch.dtype, comput
     return out.reshape(shape)
 
 
-def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int) -> tuple[int, int]:
+def _finish(job: ChunkJob, out: torch.Tensor, out_offset: int, nonfinite: int | None = None) -> tuple[int, int]:
     """Check the rounded rows and write them at their offset; returns (bytes written,
-    their CRC-32)."""
+    their CRC-32). ``nonfinite``: their NaN/Inf count where already known."""
     tp = job.tensor
     expected = _row_shape(tp, job.row_stop - job.row_start)
     if tuple(out.shape) != expected:
         raise MergeExecutionError(f"{tp.name}: {tp.method} returned shape {list(out.shape)}, expected {list(expected)}")
     out = out.contiguous().cpu()
-    bad = 0 if job.allow_nan else count_nonfinite(out)
+    bad = 0 if job.allow_nan else (count_nonfinite(out) if nonfinite is None else nonfinite)
     if bad:
         raise MergeExecutionError(
             f"output tensor {tp.name} has {bad} NaN/Inf values (rows {job.row_start}-{job.row_stop}); "

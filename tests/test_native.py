@@ -377,3 +377,28 @@ def test_slerp_kernels_give_the_torch_bytes(monkeypatch, in_dtype, out_dtype, sh
     reference_stats, reference = run()
     assert stats == reference_stats
     same_bits(fused, reference)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_kernels_count_the_nonfinite_outputs(out_dtype):
+    """The kernels count the NaN/Inf they write (the engine then skips its own count):
+    the same number as dmerge.numerics.count_nonfinite, overflow to infinity included."""
+    from dmerge.methods.base import NONFINITE_OUTPUTS
+    from dmerge.numerics import count_nonfinite
+
+    tensors = parents(21, 3, torch.float32, specials=True)
+    tensors[1][5, :9] = 3e38  # overflows bf16/fp16 when summed with weight > 1
+    for name, shared, per_model in [("linear", {"normalize": False}, None), ("ties", {}, CASES["ties"][2])]:
+        method = get_method(name)
+        if per_model is None:
+            params = {p.name: shared.get(p.name, p.default) for p in method.params}
+            model_params = [{"weight": w} for w in (1.5, 1.0, 0.5, 0.25)]
+        else:
+            params, model_params = resolved(method, shared, per_model)
+        x = ChunkInputs(tensor_name="model.layers.0.mlp.up_proj.weight", tensors=list(tensors), base_index=0,
+                        params=params, model_params=model_params, full_shape=SHAPE, row_start=0, row_stop=SHAPE[0],
+                        compute_dtype=torch.float64, out_dtype=out_dtype)
+        for _, stat in method.statistics_for(x):
+            x.stats[stat.name] = stat.final(stat.combine_all([stat.chunk(x)]), x)
+        out = method.fn(x)
+        assert x.scratch[NONFINITE_OUTPUTS] == count_nonfinite(out) > 0, name

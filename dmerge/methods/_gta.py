@@ -30,6 +30,7 @@ from dmerge.lazy import torch
 from dmerge import native
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._reduce import compute_dtype, row_blocks
+from dmerge.methods.base import NONFINITE_OUTPUTS
 from dmerge.methods._sparsify import ALL, NONE, Sparsifier, keep_bits_key, non_base_indices, rescale_statistic
 from dmerge.numerics import round_to, widen
 
@@ -139,8 +140,9 @@ def _merge_native(x: ChunkInputs, idx: list[int], sparsifier: Sparsifier | None,
         else:
             return False
         models.append(m)
-    native.gta_merge(x.base, models, element_offset=x.element_offset, consensus=consensus,
-                     normalize=x.params["normalize"], total_weight=total, lam=x.params["lambda"], out=out)
+    x.scratch[NONFINITE_OUTPUTS] = native.gta_merge(
+        x.base, models, element_offset=x.element_offset, consensus=consensus, normalize=x.params["normalize"],
+        total_weight=total, lam=x.params["lambda"], out=out)
     return True
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dmerge import native
 from dmerge.lazy import torch
-from dmerge.methods.base import ChunkInputs
+from dmerge.methods.base import NONFINITE_OUTPUTS, ChunkInputs
 from dmerge.methods._reduce import compute_dtype
 from dmerge.numerics import BLOCK_ELEMENTS, GPU_BLOCK_ELEMENTS, round_to, widen
 
@@ -35,7 +35,7 @@ def weighted_sum(x: ChunkInputs, weights: list[float], divisor: float | None,
     ref = tensors[0]
     out = torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
     if dtype == torch.float64 and len(tensors) <= native.MAX_MODELS and native.usable(out, *tensors):
-        native.weighted_sum(tensors, weights, divisor, out)
+        x.scratch[NONFINITE_OUTPUTS] = native.weighted_sum(tensors, weights, divisor, out)
         return out
     flat = [t.reshape(-1) for t in tensors]
     flat_out = out.view(-1)

@@ -112,6 +112,11 @@ class Param:
         return value
 
 
+# In ChunkInputs.scratch: how many of the rows a method returned are NaN or infinite, when
+# the fused kernel that wrote them counted them (the engine then does not count again).
+NONFINITE_OUTPUTS = "nonfinite_outputs"
+
+
 @dataclass
 class ChunkInputs:
     """The inputs of one method call: rows ``[row_start, row_stop)`` of one tensor.
@@ -142,6 +147,7 @@ class ChunkInputs:
     # the keep-mask bits DARE's rescale statistic drew, which the write pass of a
     # one-chunk tensor then uses instead of drawing them again (see keep_bits_key).
     scratch: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
 
     @property
     def base(self) -> torch.Tensor:

@@ -32,7 +32,7 @@ from dmerge.lazy import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gta.c")
-ABI_VERSION = 4
+ABI_VERSION = 5
 # -ffp-contract=off: no fused multiply-add, which would round differently from torch.
 CFLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 # For the CPU it runs on: the kernels are loops over float64 and 64-bit integer lanes
@@ -166,7 +166,7 @@ def _load() -> ctypes.CDLL | None:
     if lib.dm_abi_version() != ABI_VERSION:
         log.warning("dmerge: %s has the wrong ABI version, using torch ops", path)
         return None
-    lib.dm_gta_merge.restype = ctypes.c_int
+    lib.dm_gta_merge.restype = ctypes.c_int64
     lib.dm_gta_merge.argtypes = [
         ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
         ctypes.POINTER(Model), ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
@@ -182,7 +182,7 @@ def _load() -> ctypes.CDLL | None:
         ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_void_p,
     ]
-    lib.dm_weighted_sum.restype = ctypes.c_int
+    lib.dm_weighted_sum.restype = ctypes.c_int64
     lib.dm_weighted_sum.argtypes = [
         ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_double),
         ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_double, ctypes.c_void_p, ctypes.c_int32,
@@ -217,8 +217,9 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 
 def gta_merge(base: torch.Tensor, models: list[Model], *, element_offset: int, consensus: bool, normalize: bool,
-              total_weight: float, lam: float, out: torch.Tensor) -> None:
-    """Run ``dm_gta_merge`` over all elements of ``base`` into ``out`` (same shape).
+              total_weight: float, lam: float, out: torch.Tensor) -> int:
+    """Run ``dm_gta_merge`` over all elements of ``base`` into ``out`` (same shape);
+    returns how many outputs are NaN or infinite.
 
     ``models`` describe the task vectors (their ``data`` pointing at tensors shaped like
     ``base``, which the caller keeps alive)."""
@@ -228,8 +229,9 @@ def gta_merge(base: torch.Tensor, models: list[Model], *, element_offset: int, c
     rc = lib.dm_gta_merge(base.data_ptr(), dtype_codes()[base.dtype], base.numel(), element_offset,
                           array, len(models), int(consensus), int(normalize), float(total_weight),
                           float(lam), out.data_ptr(), dtype_codes()[out.dtype])
-    if rc != 0:
+    if rc < 0:
         raise RuntimeError("dm_gta_merge: bad arguments")
+    return rc
 
 
 def masked_l1_rows(base, models: list[Model], rows: int, cols: int, element_offset: int,
@@ -268,10 +270,11 @@ def gram_rows(tensors: list, rows: int, cols: int):
     return out
 
 
-def weighted_sum(tensors: list, weights: list[float], divisor: float | None, out) -> None:
+def weighted_sum(tensors: list, weights: list[float], divisor: float | None, out) -> int:
     """Run ``dm_weighted_sum`` over all elements: ``out = (x_0 w_0 + x_1 w_1 + ...) [/ divisor]``
     in float64 (each product and sum rounded, in model order), rounded once to ``out``'s
-    dtype. The tensors are shaped like ``out``, contiguous, on the CPU."""
+    dtype; returns how many outputs are NaN or infinite. The tensors are shaped like
+    ``out``, contiguous, on the CPU."""
     lib = library()
     n = len(tensors)
     assert lib is not None and 0 < n <= MAX_MODELS and len(weights) == n
@@ -282,8 +285,9 @@ def weighted_sum(tensors: list, weights: list[float], divisor: float | None, out
     ws = (ctypes.c_double * n)(*[float(w) for w in weights])
     rc = lib.dm_weighted_sum(xs, dts, ws, n, out.numel(), int(divisor is not None),
                              float(divisor if divisor is not None else 1.0), out.data_ptr(), codes[out.dtype])
-    if rc != 0:
+    if rc < 0:
         raise RuntimeError("dm_weighted_sum: bad arguments")
+    return rc
 
 
 def magnitude_histograms(base: torch.Tensor, tensors: list[torch.Tensor], hists: list[torch.Tensor],

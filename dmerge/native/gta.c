@@ -129,6 +129,23 @@ static void store(const double *v, int n, void *dst, int dt, int64_t at) {
     }
 }
 
+/* How many of n stored output elements (from index at) are NaN or infinite: all
+ * exponent bits set (dmerge.numerics.count_nonfinite), counted while they are in cache. */
+static int64_t count_special(const void *dst, int dt, int64_t at, int n) {
+    int64_t bad = 0;
+    switch (dt) {
+    case DT_F32: { const uint32_t *d = (const uint32_t *)dst + at;
+        for (int j = 0; j < n; j++) bad += (d[j] & 0x7F800000u) == 0x7F800000u; break; }
+    case DT_BF16: { const uint16_t *d = (const uint16_t *)dst + at;
+        for (int j = 0; j < n; j++) bad += (d[j] & 0x7F80u) == 0x7F80u; break; }
+    case DT_F16: { const uint16_t *d = (const uint16_t *)dst + at;
+        for (int j = 0; j < n; j++) bad += (d[j] & 0x7C00u) == 0x7C00u; break; }
+    default: { const uint64_t *d = (const uint64_t *)dst + at;
+        for (int j = 0; j < n; j++) bad += (d[j] & 0x7FF0000000000000ull) == 0x7FF0000000000000ull; break; }
+    }
+    return bad;
+}
+
 /* splitmix64 of counter c under key (dmerge.methods._sparsify._splitmix64). */
 static inline uint64_t splitmix64(uint64_t key, uint64_t c) {
     uint64_t z = key + (c + 1) * 0x9E3779B97F4A7C15ull;
@@ -222,8 +239,8 @@ static void apply_bits(const dm_model *m, int64_t first, double *keep, int n) {
 
 /* The family's formula on n elements (see dmerge/methods/_gta.py), in float64, rounded
  * once to out_dtype. element_offset: flat index of element 0 in the whole tensor.
- * Returns 0, or -1 when the arguments are out of range. */
-int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t element_offset,
+ * Returns the number of NaN/Inf outputs, or -1 when the arguments are out of range. */
+int64_t dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t element_offset,
                  dm_model *models, int32_t n_models, int32_t consensus, int32_t normalize,
                  double total_weight, double lam, void *out, int32_t out_dtype) {
     if (n_models < 1 || n_models > MAX_MODELS) return -1;
@@ -233,6 +250,7 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
     double *ds = buf + 4 * BLOCK;
     int32_t keys[BLOCK];
     int divide_total = !consensus && normalize && fabs(total_weight) >= 1e-8;
+    int64_t bad = 0;
     for (int64_t at = 0; at < n; at += BLOCK) {
         int m = (int)(n - at < BLOCK ? n - at : BLOCK);
         widen_f64(base, base_dtype, at, m, b);
@@ -297,9 +315,10 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
             for (int j = 0; j < m; j++) mixed[j] = mixed[j] * lam;
         for (int j = 0; j < m; j++) mixed[j] = mixed[j] + b[j];
         store(mixed, m, out, out_dtype, at);
+        bad += count_special(out, out_dtype, at, m);
     }
     free(buf);
-    return 0;
+    return bad;
 }
 
 /* Sum of a row's n values in dmerge.methods._reduce.lastdim_sum's order: a pairwise tree
@@ -406,11 +425,13 @@ int dm_gram_rows(const void **xs, const int32_t *x_dtypes, int32_t m, int64_t ro
 
 /* Weighted sum (linear, passthrough's scale; dmerge/methods/_weighted.py) of n elements:
  * acc = x_0 * w_0, then acc = acc + x_i * w_i in model order (a product, rounded, then a
- * sum, rounded: never fused), then acc / divisor when divide; rounded once to out_dtype. */
-int dm_weighted_sum(const void **xs, const int32_t *x_dtypes, const double *weights, int32_t n_models, int64_t n,
+ * sum, rounded: never fused), then acc / divisor when divide; rounded once to out_dtype.
+ * Returns the number of NaN/Inf outputs, or -1 on bad arguments. */
+int64_t dm_weighted_sum(const void **xs, const int32_t *x_dtypes, const double *weights, int32_t n_models, int64_t n,
                     int32_t divide, double divisor, void *out, int32_t out_dtype) {
     if (n_models < 1 || n_models > MAX_MODELS) return -1;
     double acc[BLOCK], x[BLOCK];
+    int64_t bad = 0;
     for (int64_t at = 0; at < n; at += BLOCK) {
         int m = (int)(n - at < BLOCK ? n - at : BLOCK);
         widen_f64(xs[0], x_dtypes[0], at, m, acc);
@@ -424,8 +445,9 @@ int dm_weighted_sum(const void **xs, const int32_t *x_dtypes, const double *weig
         if (divide)
             for (int j = 0; j < m; j++) acc[j] = acc[j] / divisor;
         store(acc, m, out, out_dtype, at);
+        bad += count_special(out, out_dtype, at, m);
     }
-    return 0;
+    return bad;
 }
 
 /* Radix-select coarse pass (RankSelect._coarse_chunk with magnitude keys of task
@@ -521,4 +543,4 @@ done:
     return rc;
 }
 
-int dm_abi_version(void) { return 4; }
+int dm_abi_version(void) { return 5; }
