@@ -143,15 +143,22 @@ def stream_bandwidth(n: int = 1 << 26) -> float:
 
 
 def run_dmerge(recipe: str, out: str, extra: list[str]) -> dict:
+    """One ``dmerge run``: wall seconds, its merge phase, bytes read, and the CPU seconds
+    (user + system) the process used."""
+    import resource
+
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "dmerge.cli", "run", recipe, out, "--overwrite", *extra],
                           capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     m = re.search(r"in ([\d.]+) s.*\(([^,]+) read, .*?(\d+) tasks", done.stdout)
-    return {"wall": wall, "merge": float(m[1]), "read": parse_size(m[2].replace(" ", ""))}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "merge": float(m[1]), "read": parse_size(m[2].replace(" ", "")), "cpu": cpu}
 
 
 def plan_bytes(recipe: str) -> tuple[int, int]:
@@ -204,16 +211,19 @@ def main() -> None:
             runs.append(run_dmerge(recipe, os.path.join(args.workdir, f"out-{method}"), args.dmerge_args.split()))
         wall = statistics.median(r["wall"] for r in runs)
         merge = statistics.median(r["merge"] for r in runs)
-        rows.append((method, must_read, must_write, runs[0]["read"], floor, wall, merge, [r["wall"] for r in runs]))
+        cpu = statistics.median(r["cpu"] for r in runs)
+        rows.append((method, must_read, must_write, runs[0]["read"], floor, wall, merge, cpu))
         print(f"{method}: floor {floor:.2f} s, dmerge {wall:.2f} s (merge phase {merge:.2f} s), runs "
               f"{', '.join(format(r['wall'], '.2f') for r in runs)}", file=sys.stderr)
 
-    print("| method | must read | must write | dmerge read | floor | dmerge wall | merge phase | wall / floor | "
-          "merge phase / floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for method, r, w, dr, floor, wall, merge, _ in rows:
+    # CPU / cores: the wall time the work would take with every core busy all along; close
+    # to the wall time, the merge is bound by its computation, not by waiting
+    print("| method | must read | must write | dmerge read | floor | dmerge wall | merge phase | CPU s (/ cores) | "
+          "wall / floor | merge phase / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for method, r, w, dr, floor, wall, merge, cpu in rows:
         print(f"| {method} | {r / 1e9:.2f} GB | {w / 1e9:.2f} GB | {dr / 1e9:.2f} GB | {floor:.2f} s | {wall:.2f} s | "
-              f"{merge:.2f} s | {wall / floor:.1f}x | {merge / floor:.1f}x |")
+              f"{merge:.2f} s | {cpu:.1f} ({cpu / CORES:.1f}) | {wall / floor:.1f}x | {merge / floor:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -348,32 +348,41 @@ int dm_masked_l1_rows(const void *base, int32_t base_dtype, int64_t rows, int64_
     for (int i = 0; i < n_models; i++) {
         int mk = models[i].mask;
         if (mk != MASK_ALL && mk != MASK_NONE && mk != MASK_RANDOM) return -1;
+        if (bits && bits[i]) memset(bits[i], 0, (size_t)((rows * cols + 7) / 8));
     }
     size_t width = cols > 0 ? (size_t)cols : 1;
-    double *buf = (double *)malloc(sizeof(double) * (2 * width + 3 * BLOCK));
+    /* per row: the base's row once, then each model's |tau| and kept |tau| */
+    double *buf = (double *)malloc(sizeof(double) * (3 * width + 2 * BLOCK));
     if (!buf) return -1;
-    double *a = buf, *kept = buf + width, *b = buf + 2 * width, *x = b + BLOCK, *keep = x + BLOCK;
-    for (int i = 0; i < n_models; i++) {
-        const dm_model *md = &models[i];
-        uint8_t *mbits = bits ? bits[i] : NULL;
-        if (mbits) memset(mbits, 0, (size_t)((rows * cols + 7) / 8));
-        for (int64_t r = 0; r < rows; r++) {
-            int64_t row0 = r * cols;
+    double *b = buf, *a = buf + width, *kept = buf + 2 * width, *x = buf + 3 * width, *keep = x + BLOCK;
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t row0 = r * cols;
+        for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
+            int m = (int)(cols - c0 < BLOCK ? cols - c0 : BLOCK);
+            widen_f64(base, base_dtype, row0 + c0, m, b + c0);
+        }
+        for (int i = 0; i < n_models; i++) {
+            const dm_model *md = &models[i];
+            uint8_t *mbits = bits ? bits[i] : NULL;
             for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
                 int m = (int)(cols - c0 < BLOCK ? cols - c0 : BLOCK);
-                widen_f64(base, base_dtype, row0 + c0, m, b);
                 widen_f64(md->data, md->dtype, row0 + c0, m, x);
                 double *ar = a + c0, *kr = kept + c0;
-                for (int j = 0; j < m; j++) ar[j] = fabs(x[j] - b[j]);
-                if (md->mask == MASK_RANDOM) {
-                    apply_random(md, element_offset + row0 + c0, keep, m);
-                    for (int j = 0; j < m; j++) kr[j] = ar[j] * keep[j];
-                    if (mbits)
-                        for (int j = 0; j < m; j++) {
-                            int64_t e = row0 + c0 + j;
-                            mbits[e >> 3] |= (uint8_t)((keep[j] != 0.0) << (e & 7));
-                        }
+                const double *br = b + c0;
+                for (int j = 0; j < m; j++) ar[j] = fabs(x[j] - br[j]);
+                if (md->mask != MASK_RANDOM) continue;
+                apply_random(md, element_offset + row0 + c0, keep, m);
+                for (int j = 0; j < m; j++) kr[j] = ar[j] * keep[j];
+                if (!mbits) continue;
+                int64_t e0 = row0 + c0; /* chunk-relative index of keep[0] */
+                int j = 0;
+                for (; j < m && ((e0 + j) & 7); j++) mbits[(e0 + j) >> 3] |= (uint8_t)((keep[j] != 0.0) << ((e0 + j) & 7));
+                for (; j + 8 <= m; j += 8) { /* whole bytes */
+                    uint32_t byte = 0;
+                    for (int k = 0; k < 8; k++) byte |= (uint32_t)(keep[j + k] != 0.0) << k;
+                    mbits[(e0 + j) >> 3] = (uint8_t)byte;
                 }
+                for (; j < m; j++) mbits[(e0 + j) >> 3] |= (uint8_t)((keep[j] != 0.0) << ((e0 + j) & 7));
             }
             double before = pairwise_row_sum(a, cols), after;
             if (md->mask == MASK_ALL) after = before;
