@@ -221,15 +221,21 @@ static void apply_random(const dm_model *m, int64_t first, double *keep, int n) 
     for (int j = 0; j < n; j++) keep[j] = (double)((int64_t)halves[j + skip] < thr);
 }
 
+/* byte -> its 8 bits as 0.0 / 1.0, lowest bit first: a byte of a keep-mask expands to
+ * eight keep values with one 64-byte copy (16 KiB, stays in L1) */
+static double bit_table[256][8];
+
+__attribute__((constructor)) static void fill_bit_table(void) { /* when the library is loaded */
+    for (int v = 0; v < 256; v++)
+        for (int k = 0; k < 8; k++) bit_table[v][k] = (double)((v >> k) & 1);
+}
+
 static void apply_bits(const dm_model *m, int64_t first, double *keep, int n) {
     const uint8_t *bits = m->keep_bits;
     int j = 0;
     if ((first & 7) == 0) { /* whole bytes (blocks start at multiples of BLOCK): 8 elements each */
         const uint8_t *by = bits + (first >> 3);
-        for (; j + 8 <= n; j += 8) {
-            uint32_t b = by[j >> 3];
-            for (int k = 0; k < 8; k++) keep[j + k] = (double)((b >> k) & 1);
-        }
+        for (; j + 8 <= n; j += 8) memcpy(keep + j, bit_table[by[j >> 3]], 8 * sizeof(double));
     }
     for (; j < n; j++) {
         uint64_t e = (uint64_t)(first + j);
