@@ -163,3 +163,15 @@ def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def __getattr__(name: str):
+    """``DTYPES`` (code -> torch dtype) and ``CODE_OF`` (torch dtype -> code), as this
+    module had them, built on first use: only code that already works with torch
+    tensors asks for them, and importing this module does not import torch."""
+    if name in ("DTYPES", "CODE_OF"):
+        import torch
+
+        dtypes = {code: getattr(torch, torch_name) for code, torch_name in TORCH_DTYPE_NAMES.items()}
+        return dtypes if name == "DTYPES" else {v: k for k, v in dtypes.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
