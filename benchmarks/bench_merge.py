@@ -6,6 +6,10 @@ each process tree (all processes summed) every 20 ms. Reports wall time, peak RS
 GB/s of parent bytes read and the dmerge/mergekit time ratio as a Markdown table.
 
     python benchmarks/bench_merge.py --size 1.6gb --methods linear,ties,dare_ties,slerp
+
+``--parents DIR`` takes an existing family (base, ft1, ft2, ft3; read only) instead of
+generating one; recipes and outputs then go to ``--workdir``. dmerge runs as
+``python -m dmerge.cli`` with this checkout first on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -153,6 +157,7 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="1.6gb")
     ap.add_argument("--methods", default="linear")
     ap.add_argument("--workdir", default="bench-work")
+    ap.add_argument("--parents", help="an existing family folder (base, ft1, ft2, ft3), used read-only")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--dmerge-args", default="", help="extra arguments for dmerge run")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool (alternating); the median is reported")
@@ -161,13 +166,20 @@ def main() -> None:
 
     root = os.path.join(args.workdir, args.size)
     names = ["base", "ft1", "ft2", "ft3"]
-    folders = {n: os.path.abspath(os.path.join(root, n)) for n in names}
-    if not all(os.path.exists(os.path.join(f, "model.safetensors.index.json")) for f in folders.values()):
+    folders = {n: os.path.abspath(os.path.join(args.parents or root, n)) for n in names}
+    os.makedirs(root, exist_ok=True)
+    if args.parents:
+        missing = [f for f in folders.values() if not os.path.exists(os.path.join(f, "config.json"))]
+        if missing:
+            sys.exit(f"--parents: no model in {', '.join(missing)}")
+    elif not all(os.path.exists(os.path.join(f, "model.safetensors.index.json")) for f in folders.values()):
         print(f"generating {args.size} family in {root} ...", file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
         write_family(root, SIZES[args.size], n_fine_tunes=3, shard_bytes=2_000_000_000)
 
     bindir = os.path.dirname(sys.executable)
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([checkout, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     rows = []
     for method in args.methods.split(","):
         L = SIZES[args.size].layers
@@ -186,10 +198,10 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 warm(used)
                 if tool == "dmerge":
-                    cmd = [os.path.join(bindir, "dmerge"), "run", recipe, out, "--quiet", *args.dmerge_args.split()]
+                    cmd = [sys.executable, "-m", "dmerge.cli", "run", recipe, out, "--quiet", *args.dmerge_args.split()]
                 else:
                     cmd = [os.path.join(bindir, "mergekit-yaml"), recipe, out]
-                m = measure(cmd)
+                m = measure(cmd, env)
                 runs[tool].append(m)
                 print(f"{method:16s} {tool:9s} {m['wall']:8.1f} s  peak {m['peak_rss'] / 2**30:5.2f} GiB  "
                       f"{nbytes / m['wall'] / 1e9:5.2f} GB/s", file=sys.stderr)

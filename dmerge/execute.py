@@ -1,9 +1,10 @@
-"""Run a plan on a Dask cluster and finish the output folder.
+"""Run a plan's graph and finish the output folder.
 
 Scheduling lives here, apart from the math (:mod:`dmerge.methods`) and the I/O
-(:mod:`dmerge.io`). By default an in-process ``distributed.LocalCluster`` runs the graph
-(threads share one process: no pickling, one copy of torch in memory); with a scheduler
-address, an existing cluster does.
+(:mod:`dmerge.io`). By default a thread pool in this process runs the graph's tasks
+(:mod:`dmerge.threaded`: nothing to start, the first task runs as soon as the graph is
+built); ``--workers`` or ``--processes`` start a ``distributed.LocalCluster``, and a
+scheduler address uses an existing cluster. The tasks, and so the bytes, are the same.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dmerge.io.output import LocalOutput, checksum_range
 from dmerge.io.sinks import LocalShard
 from dmerge.plan import Plan
 from dmerge.units import format_bytes
-from dmerge.worker_env import WorkerSetup, host_task_threads, usable_cores
+from dmerge.worker_env import host_task_threads, usable_cores
 
 
 @dataclass
@@ -64,6 +65,8 @@ def dask_client(options: ClusterOptions, quiet: bool = False):
     """A distributed Client: an existing scheduler's, or a fresh in-process LocalCluster."""
     import dask
     from distributed import Client, LocalCluster
+
+    from dmerge.worker_plugin import WorkerSetup
 
     with dask.config.set({"distributed.worker.daemon": False, "distributed.admin.tick.limit": "10s",
                           "distributed.logging.distributed": "error"}):
@@ -205,6 +208,13 @@ def worker_memory(options: ClusterOptions) -> list[WorkerMemory]:
                                   f"{WAIT_FOR_WORKERS_S} s; start workers (dask worker {options.scheduler})") from None
             info = client.scheduler_info()["workers"]
         return [WorkerMemory(w.get("memory_limit") or None, int(w.get("nthreads", 1))) for w in info.values()]
+    if runs_in_threads(options):  # no cluster: the tasks share this process's memory
+        from dmerge.allocator import resident_bytes
+        from dmerge.threaded import local_memory_limit
+
+        threads = local_threads(options)
+        return [WorkerMemory(local_memory_limit(options.memory_limit), threads,
+                             max(WORKER_BASELINE_BYTES, resident_bytes()))]
     import logging
 
     from distributed.worker_memory import parse_memory_limit
@@ -289,7 +299,6 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
     vouch for (:func:`verified_units`). Any other failure removes what was written.
     ``resume`` on an absent or empty folder starts afresh.
     """
-    from distributed import as_completed
     from tqdm import tqdm
 
     cluster = cluster or ClusterOptions()
@@ -348,54 +357,19 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             done_bytes = sum(u.length for u in done)
             units, units_done = sum(t.n_chunks for t in plan.tensors), len(done)
         header_bytes = sum(len(s.header) for s in plan.shards)
-        bytes_read = bytes_written = 0
-        with _DeferredInterrupts() as interrupts, dask_client(cluster, quiet=quiet) as client:
-            # with --cuda on a cluster whose workers declare GPUs (`--resources GPU=1`), the
-            # arithmetic goes to those; byte copies go to any worker
-            gpu_workers = plan.device != "cpu" and bool(_gpu_declared(client))
-            members = {}
-            for t, g in (groups or {}).items():
-                members.setdefault(g, []).append(t)
-            pending = waves(dsk, keys, TASKS_PER_WAVE, group_of=groups,
-                            kind_of=lambda g: "copy" if all(plan.tensors[t].copy_bytes for t in members.get(g, [g]))
-                            else "compute")
-            futures = []
-            completed = as_completed()
-
-            def submit_wave() -> None:
-                wave_dsk, wave_keys, kind = pending.pop(0)
-                resources = {"GPU": 1} if gpu_workers and kind == "compute" else None
-                submitted = client.get(wave_dsk, wave_keys, sync=False, retries=cluster.retries or None,
-                                       resources=resources)
-                futures.extend(submitted)
-                completed.update(submitted)
-
-            submit_wave()
-            if pending:
-                submit_wave()  # two waves in flight: the next one is taken in while one runs
-            # the bar counts output bytes, what the tasks report (local shard headers are
-            # written up front; an upload part carries its shard's header)
-            total = sum(t.nbytes for t in plan.tensors) + (header_bytes if to_objects else 0)
-            bar = tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, desc="merging",
-                       disable=quiet, file=sys.stderr, smoothing=0.1)
-            try:
-                for fut in _finished(completed, interrupts):
-                    if pending and completed.count() < TASKS_PER_WAVE:
-                        submit_wave()
-                    if fut.status == "error":
-                        exc = fut.exception()
-                        client.cancel(futures)
-                        raise exc
-                    r, w, checksum = fut.result()
-                    if journal is not None:
-                        journal.record(_unit(plan, fut.key, w, checksum))
-                    bytes_read += r
-                    bytes_written += w
-                    bar.update(w)
-            finally:
-                bar.close()
-            peaks = _peak_memory(client)
-            reruns = _reruns(client, list(dsk), cluster.retries)
+        # the bar counts output bytes, what the tasks report (local shard headers are
+        # written up front; an upload part carries its shard's header)
+        finished = _Finished(plan, journal, lambda: tqdm(
+            total=sum(t.nbytes for t in plan.tensors) + (header_bytes if to_objects else 0), initial=done_bytes,
+            unit="B", unit_scale=True, desc="merging", disable=quiet, file=sys.stderr, smoothing=0.1))
+        try:
+            if runs_in_threads(cluster):
+                peaks, reruns = _run_in_threads(dsk, keys, cluster, finished, quiet)
+            else:
+                peaks, reruns = _run_on_cluster(plan, dsk, keys, cluster, finished, quiet, groups)
+        finally:
+            finished.close()
+        bytes_read, bytes_written = finished.bytes_read, finished.bytes_written
         if to_objects:
             output.commit_shards(plan.shards, parts)
         elif not to_zarr:
@@ -435,6 +409,102 @@ def _abort(output, error: BaseException) -> None:
         output.abort()
     except Exception as e:  # noqa: BLE001 - the original error is the one to report
         error.__notes__ = [*getattr(error, "__notes__", []), f"cleaning up {output.folder} failed too: {one_line(e)}"]
+
+
+class _Finished:
+    """What the client does with each finished write task, on either path: journal the
+    unit, count its bytes, move the progress bar (shown by :meth:`start`, once the
+    path has said where the merge runs)."""
+
+    def __init__(self, plan: Plan, journal: Journal | None, make_bar):
+        self.plan, self.journal, self._make_bar = plan, journal, make_bar
+        self.bar = None
+        self.bytes_read = self.bytes_written = 0
+
+    def start(self) -> None:
+        self.bar = self._make_bar()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, key: tuple, value: tuple[int, int, int]) -> None:
+        r, w, checksum = value
+        if self.journal is not None:  # local folders; an upload's part list is its own journal
+            self.journal.record(_unit(self.plan, key, w, checksum))
+        self.bytes_read += r
+        self.bytes_written += w
+        self.bar.update(w)
+
+
+def runs_in_threads(cluster: ClusterOptions) -> bool:
+    """Whether the merge runs on a thread pool in this process (:mod:`dmerge.threaded`):
+    when no cluster is asked for (no scheduler, no worker count, no processes)."""
+    return not (cluster.scheduler or cluster.workers or cluster.processes)
+
+
+def local_threads(cluster: ClusterOptions) -> int:
+    """Task threads of a merge without a cluster: --threads-per-worker, else one per core."""
+    return cluster.threads_per_worker or usable_cores()
+
+
+def _run_in_threads(dsk: dict, keys: list, cluster: ClusterOptions, finished: _Finished,
+                    quiet: bool) -> tuple[dict, int]:
+    """Run the graph on a thread pool here; returns (peak memory, tasks rerun)."""
+    from dmerge.threaded import local_memory_limit, run_graph
+
+    threads = local_threads(cluster)
+    if not quiet:
+        print(f"running in this process on {threads} thread{'s' if threads != 1 else ''} (no cluster: "
+              "--workers, --processes or --scheduler give one)", file=sys.stderr)
+    finished.start()
+    with _DeferredInterrupts() as interrupts:
+        reruns = run_graph(dsk, keys, threads=threads, on_result=finished, poll=interrupts.raise_pending,
+                           retries=cluster.retries, memory_limit=local_memory_limit(cluster.memory_limit))
+    return {"local": _peak_process_memory()}, reruns
+
+
+def _run_on_cluster(plan: Plan, dsk: dict, keys: list, cluster: ClusterOptions, finished: _Finished,
+                    quiet: bool, groups: dict[int, int] | None = None) -> tuple[dict, int]:
+    """Run the graph on a Dask cluster, submitted in waves; returns (each worker's peak
+    memory, tasks rerun). ``groups``: tensors whose tasks share upload parts, kept in one
+    wave (:func:`dmerge.graph.part_groups`)."""
+    from distributed import as_completed
+
+    with _DeferredInterrupts() as interrupts, dask_client(cluster, quiet=quiet) as client:
+        # with --cuda on a cluster whose workers declare GPUs (`--resources GPU=1`), the
+        # arithmetic goes to those; byte copies go to any worker
+        gpu_workers = plan.device != "cpu" and bool(_gpu_declared(client))
+        members: dict[int, list[int]] = {}
+        for t, g in (groups or {}).items():
+            members.setdefault(g, []).append(t)
+        pending = waves(dsk, keys, TASKS_PER_WAVE, group_of=groups,
+                        kind_of=lambda g: "copy" if all(plan.tensors[t].copy_bytes for t in members.get(g, [g]))
+                        else "compute")
+        futures = []
+        completed = as_completed()
+
+        def submit_wave() -> None:
+            wave_dsk, wave_keys, kind = pending.pop(0)
+            resources = {"GPU": 1} if gpu_workers and kind == "compute" else None
+            submitted = client.get(wave_dsk, wave_keys, sync=False, retries=cluster.retries or None,
+                                   resources=resources)
+            futures.extend(submitted)
+            completed.update(submitted)
+
+        submit_wave()
+        if pending:
+            submit_wave()  # two waves in flight: the next one is taken in while one runs
+        finished.start()
+        for fut in _finished(completed, interrupts):
+            if pending and completed.count() < TASKS_PER_WAVE:
+                submit_wave()
+            if fut.status == "error":
+                exc = fut.exception()
+                client.cancel(futures)
+                raise exc
+            finished(fut.key, fut.result())
+        return _peak_memory(client), _reruns(client, list(dsk), cluster.retries)
 
 
 def _reruns(client, keys: list, retries: int) -> int:

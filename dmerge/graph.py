@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dmerge.methods import get_method
-from dmerge.tasks import (ChunkJob, PartJob, compute_statistic, context_of, finalize_statistic, merge_chunk,
-                          statistic_over_chunks, upload_part, vocab_pad_finalize, vocab_pad_partial)
+from dmerge.methods.base import context_of
+
+if TYPE_CHECKING:
+    from dmerge.tasks import ChunkJob
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,9 @@ def build_graph(plan, sinks, run_id: str,
     ``sinks``: where the bytes go (see :mod:`dmerge.io.sinks`): a list with one sink per
     shard, or a function ``(tensor index, TensorPlan) -> sink`` for outputs that give
     each tensor its own (a zarr array per tensor)."""
+    # the task functions import torch: only a run needs them, not planning
+    from dmerge.tasks import merge_chunk
+
     sink_of = sinks if callable(sinks) else (lambda ti, tp: sinks[tp.shard])
     names = key_names(run_id)
     dsk: dict = {}
@@ -132,6 +138,8 @@ def build_part_graph(plan, parts: list, sinks: list, run_id: str,
     part number)`` with ``t`` its first tensor, which merges the part's write units in
     memory and uploads them. Parts in ``done`` ((shard, part number) pairs a resumed run
     finds uploaded) are left out, with the statistics only they needed."""
+    from dmerge.tasks import PartJob, upload_part
+
     names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []
@@ -179,6 +187,8 @@ def part_groups(parts: list) -> dict[int, int]:
 
 def _chunk_jobs(plan, tp, sink) -> list[ChunkJob]:
     """One job per chunk of a planned tensor, writing to ``sink``."""
+    from dmerge.tasks import ChunkJob
+
     rm = tp.row_map
     # Jobs carry the tensor without its (vocabulary-sized) row map, and only the window
     # of the map their rows need.
@@ -195,6 +205,9 @@ def _chunk_jobs(plan, tp, sink) -> list[ChunkJob]:
 def _reductions(dsk: dict, names: dict, ti: int, tp, jobs: list[ChunkJob]) -> tuple:
     """Add a tensor's padding-mean and statistic tasks to ``dsk``; returns the keys its
     writes depend on: (last statistic's reduction, padding means), either None."""
+    from dmerge.tasks import (compute_statistic, finalize_statistic, statistic_over_chunks, vocab_pad_finalize,
+                              vocab_pad_partial)
+
     tasks = tensor_tasks(tp)
     rm = tp.row_map
     light = jobs[0].tensor

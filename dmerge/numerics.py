@@ -17,7 +17,9 @@ Work on a chunk goes in blocks of :data:`BLOCK_ELEMENTS` elements (of whole rows
 
 from __future__ import annotations
 
-import torch
+import functools
+
+from dmerge.lazy import torch
 
 
 # Block sizes, in elements. No result depends on them: blocked work is elementwise,
@@ -30,18 +32,31 @@ sparsifiers were slower at 2^18; Gram sums and slerp take the same time at 2^19)
 GPU_BLOCK_ELEMENTS = 1 << 24
 """On a GPU, where kernel launches, not caches, are the cost: few, large blocks."""
 
-# Output dtype -> number of float32 mantissa bits dropped when narrowing to it.
-_DROPPED_BITS = {torch.bfloat16: 16, torch.float16: 13}
+
+@functools.cache
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors dtype code (``"BF16"`` -> ``torch.bfloat16``)."""
+    from dmerge.io.safetensors_format import TORCH_DTYPE_NAMES
+
+    return getattr(torch, TORCH_DTYPE_NAMES[code])
+
+
+@functools.cache
+def _dropped_bits() -> dict:
+    """Output dtype -> number of float32 mantissa bits dropped when narrowing to it
+    (built on first use: importing this module does not import torch)."""
+    return {torch.bfloat16: 16, torch.float16: 13}
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round ``x`` (float64 or float32) to ``dtype`` with a single round-to-nearest-even."""
     if x.dtype == dtype:
         return x
-    if x.dtype != torch.float64 or dtype not in _DROPPED_BITS:
+    dropped_bits = _dropped_bits()
+    if x.dtype != torch.float64 or dtype not in dropped_bits:
         return x.to(dtype)
     f32 = x.to(torch.float32).contiguous()
-    dropped = _DROPPED_BITS[dtype]
+    dropped = dropped_bits[dtype]
     bits = f32.view(-1).view(torch.int32)
     at_midpoint = (bits & ((1 << dropped) - 1)) == (1 << (dropped - 1))
     ties = at_midpoint.nonzero().squeeze(1) if bool(at_midpoint.any()) else None  # any() is cheap, nonzero is not
@@ -54,13 +69,16 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return f32.to(dtype)
 
 
-# dtype -> (integer dtype of the same width, mask of its exponent bits)
-_EXPONENT_BITS = {
-    torch.bfloat16: (torch.int16, 0x7F80),
-    torch.float16: (torch.int16, 0x7C00),
-    torch.float32: (torch.int32, 0x7F800000),
-    torch.float64: (torch.int64, 0x7FF0000000000000),
-}
+
+@functools.cache
+def _exponent_bits() -> dict:
+    """dtype -> (integer dtype of the same width, mask of its exponent bits)."""
+    return {
+        torch.bfloat16: (torch.int16, 0x7F80),
+        torch.float16: (torch.int16, 0x7C00),
+        torch.float32: (torch.int32, 0x7F800000),
+        torch.float64: (torch.int64, 0x7FF0000000000000),
+    }
 
 
 def count_nonfinite(t: torch.Tensor) -> int:
@@ -71,7 +89,7 @@ def count_nonfinite(t: torch.Tensor) -> int:
     """
     if not t.is_floating_point():
         return 0
-    spec = _EXPONENT_BITS.get(t.dtype)
+    spec = _exponent_bits().get(t.dtype)
     if spec is None or not t.is_contiguous():
         return int((~torch.isfinite(t)).sum())
     int_dtype, mask = spec

@@ -27,14 +27,12 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
 from dmerge.architecture import LayerName, ModelLayout, architecture_key, layout_of
 from dmerge.errors import InputModelError, RecipeError
 from dmerge.io.model_source import ModelSource, open_model
+from dmerge.io.safetensors_format import (DTYPE_NAMES, FLOAT_CODES, TORCH_NAME, TensorEntry, build_header,
+                                          itemsize, promote_codes)
 from dmerge.io.storage import is_url
-from dmerge.io.safetensors_format import (CODE_OF, DTYPE_NAMES, DTYPES, FLOAT_CODES, TORCH_NAME, TensorEntry,
-                                          build_header, itemsize)
 from dmerge.methods import MergeMethod, get_method
 from dmerge.recipe import ModelEntry, OutputSlice, Recipe, SliceSource, resolve_param
 from dmerge.units import format_bytes
@@ -303,16 +301,15 @@ def output_dtype(tensor_name: str, sources: list[SourceTensor], out_dtype: str |
         return first
     if out_dtype:
         return out_dtype
-    promoted = DTYPES[first]
+    promoted = first
     for s in sources[1:]:
-        try:
-            promoted = torch.promote_types(promoted, DTYPES[s.entry.dtype])
-        except RuntimeError:  # float8 types promote with nothing but themselves
+        promoted = promote_codes(promoted, s.entry.dtype)
+        if promoted is None:  # float8 types promote with nothing but themselves
             raise InputModelError(
                 f"tensor {tensor_name}: {sources[0].model} stores {first}, {s.model} stores {s.entry.dtype}, "
                 f"which have no common dtype; set dtype or out_dtype in the recipe"
-            ) from None
-    return CODE_OF[promoted]
+            )
+    return promoted
 
 
 def open_models(recipe: Recipe) -> dict[str, ModelSource]:

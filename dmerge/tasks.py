@@ -22,11 +22,11 @@ from dmerge.errors import MergeExecutionError
 from dmerge.io import storage
 from dmerge.io.sinks import PartBuffer
 from dmerge.io.spill import spill
-from dmerge.io.safetensors_format import DTYPES
 from dmerge.io.zarr_store import ZarrEntry, read_zarr_rows
 from dmerge.methods import ChunkInputs, get_method
-from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, widen
-from dmerge.worker_env import after_task, register_sizeof
+from dmerge.methods.base import NONFINITE_OUTPUTS, context_of
+from dmerge.numerics import BLOCK_ELEMENTS, count_nonfinite, round_to, torch_dtype, widen
+from dmerge.worker_env import after_task
 
 keep_freed_memory()  # workers import this module: tune their allocator once
 
@@ -107,8 +107,8 @@ def read_rows(file: str, entry, row_start: int, row_stop: int, spill_mode: str |
 
 def _as_tensor(buf: torch.Tensor, code: str, shape: tuple[int, ...]) -> torch.Tensor:
     if not buf.numel():
-        return torch.empty(shape, dtype=DTYPES[code])
-    return buf.view(DTYPES[code]).reshape(shape)
+        return torch.empty(shape, dtype=torch_dtype(code))
+    return buf.view(torch_dtype(code)).reshape(shape)
 
 
 def _row_shape(tensor, rows: int) -> tuple[int, ...]:
@@ -151,7 +151,7 @@ def load_inputs(job: ChunkJob, pad_means: list | None = None, raw: bool = False,
         row_stop=job.row_stop,
         seed=job.seed,
         compute_dtype=dtype if raw else None,
-        out_dtype=DTYPES[tp.dtype],
+        out_dtype=torch_dtype(tp.dtype),
     )
     return inputs, nread
 
@@ -246,16 +246,6 @@ def statistic_over_chunks(jobs: list[ChunkJob], stat_index: int, prior: Reductio
     return finalize_statistic(jobs[0].tensor, stat_index, prior, partials)
 
 
-def context_of(tensor, stats: dict | None = None, row_start: int = 0, row_stop: int | None = None) -> ChunkInputs:
-    """A tensor's resolved parameters as a ChunkInputs without data (for finalize, when,
-    reads), for rows ``[row_start, row_stop)`` (default: the whole tensor)."""
-    return ChunkInputs(
-        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
-        model_params=tensor.model_params, full_shape=tensor.shape, row_start=row_start,
-        row_stop=tensor.rows if row_stop is None else row_stop, stats=dict(stats or {}),
-    )
-
-
 @_inference
 def finalize_statistic(tensor, stat_index: int, prior: Reduction | None, partials: list) -> Reduction:
     """Combine the chunk partials of one statistic; returns all statistics so far."""
@@ -336,7 +326,7 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
     inputs, nread = load_inputs(job, pad_means, raw=method.raw_inputs or blockwise,
                                 spill_mode="take" if stats is not None else None)
     if blockwise:
-        merged = _merge_blockwise(inputs, method, DTYPES[tp.dtype], COMPUTE_DTYPES[job.compute_dtype])
+        merged = _merge_blockwise(inputs, method, torch_dtype(tp.dtype), COMPUTE_DTYPES[job.compute_dtype])
         return nread, *_finish(job, merged)
     needed = method.statistics_for(inputs) if method.statistics else []
     if stats is None and needed:
@@ -350,7 +340,8 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
             stats = _statistic_final(stat, [partial], context_of(tp), stats)
     inputs.stats = dict(stats or {})
     result = method.fn(inputs)
-    return nread, *_finish(job, round_to(result, DTYPES[tp.dtype]))
+    # a fused kernel that wrote the rows counted their NaN/Inf already
+    return nread, *_finish(job, round_to(result, torch_dtype(tp.dtype)), inputs.scratch.get(NONFINITE_OUTPUTS))
 
 
 def _write(job: ChunkJob, data: memoryview) -> tuple[int, int]:
@@ -379,15 +370,15 @@ def _merge_blockwise(inputs: ChunkInputs, method, out_dtype: torch.dtype, comput
     return out.reshape(shape)
 
 
-def _finish(job: ChunkJob, out: torch.Tensor) -> tuple[int, int]:
+def _finish(job: ChunkJob, out: torch.Tensor, nonfinite: int | None = None) -> tuple[int, int]:
     """Check the rounded rows and write them to the job's sink; returns (bytes written,
-    their CRC-32)."""
+    their CRC-32). ``nonfinite``: their NaN/Inf count where already known."""
     tp = job.tensor
     expected = _row_shape(tp, job.row_stop - job.row_start)
     if tuple(out.shape) != expected:
         raise MergeExecutionError(f"{tp.name}: {tp.method} returned shape {list(out.shape)}, expected {list(expected)}")
     out = out.contiguous().cpu()
-    bad = 0 if job.allow_nan else count_nonfinite(out)
+    bad = 0 if job.allow_nan else (count_nonfinite(out) if nonfinite is None else nonfinite)
     if bad:
         raise MergeExecutionError(
             f"output tensor {tp.name} has {bad} NaN/Inf values (rows {job.row_start}-{job.row_stop}); "
@@ -406,7 +397,6 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-register_sizeof()
 
 __all__ = ["ChunkJob", "PartJob", "Reduction", "merge_chunk", "upload_part", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
            "vocab_pad_finalize", "context_of", "read_rows"]

@@ -26,12 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge.errors import RecipeError
 from dmerge.io import storage
-from dmerge.io.safetensors_format import DTYPES
 from dmerge.io.zarr_store import ZarrEntry, read_zarr_rows
+from dmerge.numerics import torch_dtype
 
 PAD_BLOCK_BYTES = 32 << 20  # float64 bytes of one padding-mean block (per source)
 
@@ -266,7 +266,7 @@ def _decode(raw: torch.Tensor, code: str, rest: tuple[int, ...], dtype: torch.dt
     n = raw.shape[0]
     if n == 0:
         return torch.empty((0,) + rest, dtype=dtype)
-    return raw.reshape(-1).view(DTYPES[code]).reshape((n,) + rest).to(dtype)
+    return raw.reshape(-1).view(torch_dtype(code)).reshape((n,) + rest).to(dtype)
 
 
 def assemble(sources, rm: RowMap, rest: tuple[int, ...], dtype: torch.dtype, device: str,

@@ -11,16 +11,17 @@ a merge wants, so dmerge sets up each worker itself:
   passes half its memory limit (:mod:`dmerge.allocator`), and Dask's memory accounting
   (``sizeof``) sees what tensors and statistic results really hold.
 
-:class:`WorkerSetup` is a Dask worker plugin: registered by the client, it runs on every
-worker, including those that join or restart after the merge has started.
+:class:`dmerge.worker_plugin.WorkerSetup` is a Dask worker plugin: registered by the
+client, it runs on every worker, including those that join or restart after the merge
+has started. This module imports neither torch nor distributed at import time: tasks
+import it, and tasks also run without a cluster (:mod:`dmerge.threaded`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
-
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from dmerge.allocator import release_if_above
 
@@ -47,46 +48,27 @@ def host_task_threads(workers: dict) -> dict[str, int]:
     return totals
 
 
-class WorkerSetup(WorkerPlugin):
-    """Sets torch's thread count on each worker (see the module docstring), and the run's
-    storage options (credentials, endpoints: fsspec defaults per protocol).
-
-    ``threads_by_host``: task threads per host when the merge started; a worker on a host
-    not listed counts its own threads only. The options travel inside the plugin, never
-    in a task, so they do not show on the dashboard or in the graph.
-    """
-
-    name = "dmerge-worker-setup"
-
-    def __init__(self, threads_by_host: dict[str, int], storage_options: dict | None = None):
-        self.threads_by_host = dict(threads_by_host)
-        self.storage_options = dict(storage_options or {})
-
-    def setup(self, worker) -> None:
-        import torch
-
-        from distributed.comm import get_address_host
-
-        host = get_address_host(worker.address)  # as the scheduler names it (tcp and in-process)
-        threads = max(self.threads_by_host.get(host, 0), worker.state.nthreads)
-        torch.set_num_threads(torch_threads_for(threads))
-        if self.storage_options:
-            from dmerge.io.storage import configure
-
-            configure(self.storage_options)
-
-
 _limit = threading.local()
+_process_limit: int | None = None  # a merge without a cluster: this process's limit
+
+
+def set_process_memory_limit(limit: int | None) -> None:
+    """The memory limit of tasks run outside a Dask worker (:mod:`dmerge.threaded`)."""
+    global _process_limit
+    _process_limit = limit
 
 
 def _worker_memory_limit() -> int | None:
-    """The memory limit of the worker running this thread (None outside a worker)."""
-    try:
-        from distributed import get_worker
+    """The memory limit of the worker running this thread; outside a worker, the
+    process's (:func:`set_process_memory_limit`)."""
+    if "distributed" in sys.modules:  # never imported just to learn there is no worker
+        try:
+            from distributed import get_worker
 
-        return get_worker().memory_manager.memory_limit
-    except (ImportError, ValueError, AttributeError):
-        return None
+            return get_worker().memory_manager.memory_limit
+        except (ImportError, ValueError, AttributeError):
+            pass
+    return _process_limit
 
 
 def after_task() -> None:
@@ -114,4 +96,4 @@ def register_sizeof() -> None:
         return sizeof(r.value) + 64
 
 
-__all__ = ["WorkerSetup", "after_task", "register_sizeof", "torch_threads_for", "host_task_threads", "usable_cores"]
+__all__ = ["after_task", "register_sizeof", "torch_threads_for", "host_task_threads", "usable_cores"]

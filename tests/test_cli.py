@@ -148,5 +148,9 @@ models:
                                       "--threads-per-worker", "1"])
     assert procs.exit_code == 0, procs.output
     assert "local cluster (2 worker processes x 1 thread)" in procs.stderr
+    workers = CliRunner().invoke(main, ["run", recipe, str(tmp_path / "w"), "--workers", "1"])
+    assert "local cluster (in-process, 1 worker x " in workers.stderr
     threads = CliRunner().invoke(main, ["run", recipe, str(tmp_path / "t"), "--threads-per-worker", "2"])
-    assert "local cluster (in-process, 1 worker x 2 threads)" in threads.stderr
+    assert threads.exit_code == 0, threads.output
+    assert "running in this process on 2 threads (no cluster" in threads.stderr
+    assert "dask:" not in threads.stderr

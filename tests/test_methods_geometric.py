@@ -461,7 +461,7 @@ def test_output_bytes_independent_of_split(merged, tmp_path, monkeypatch, name):
     from dmerge.methods import _reduce
 
     monkeypatch.setattr(_reduce, "BLOCK_ELEMENTS", 300)
-    _merge_in_process(recipe, str(tmp_path / "tiny"), 24_000)
+    _merge_in_process(recipe, str(tmp_path / "tiny"), 8_000)
     _assert_same_bytes(default, str(tmp_path / "tiny"))
 
 

@@ -237,3 +237,168 @@ def test_fine_pass_kernel_gives_the_torch_bytes(monkeypatch, case, guess):
     monkeypatch.setenv("DMERGE_NATIVE", "0")
     reference = run_chunks(name, tensors, params, model_params, [9, 30], torch.bfloat16)
     same_bits(fused, reference)
+
+
+# linear and passthrough's scale: the weighted-sum kernel. Every source is weighted
+# (linear's weight applies to all of them); passthrough has one source.
+WEIGHTED_CASES = {
+    "linear": ("linear", {}, [0.5, 0.3, 0.2, 0.1]),
+    "linear_thirds": ("linear", {}, [1 / 3, 1 / 3, 1 / 3, 1 / 7]),
+    "linear_unnormalized": ("linear", {"normalize": False}, [0.25, 0.75, -1.5, 1e-3]),
+    "linear_cancelling": ("linear", {}, [1.0, -1.0, 0.5, 0.0]),
+    "passthrough_scale": ("passthrough", {}, [0.37]),
+    "passthrough_scale_negative": ("passthrough", {}, [-3.0]),
+    "passthrough_no_scale": ("passthrough", {}, [None]),
+}
+
+
+def run_weighted(name: str, tensors: list[torch.Tensor], shared: dict, values: list, row_splits: list[int],
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    method = get_method(name)
+    params = {p.name: shared.get(p.name, p.default) for p in method.params}
+    key = method.model_params[0].name
+    model_params = [{key: v} for v in values]
+    bounds = [0, *row_splits, SHAPE[0]]
+    return torch.cat([method.fn(ChunkInputs(
+        tensor_name="model.layers.0.mlp.up_proj.weight", tensors=[t[r0:r1] for t in tensors[:len(values)]],
+        base_index=None, params=params, model_params=model_params, full_shape=SHAPE, row_start=r0, row_stop=r1,
+        compute_dtype=torch.float64, out_dtype=out_dtype)) for r0, r1 in zip(bounds, bounds[1:])])
+
+
+@pytest.mark.parametrize("case", list(WEIGHTED_CASES))
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                 (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float64), (torch.float64, torch.bfloat16)])
+def test_weighted_sum_kernel_gives_the_torch_bytes(monkeypatch, case, in_dtype, out_dtype):
+    name, shared, values = WEIGHTED_CASES[case]
+    tensors = parents(zlib.crc32(case.encode()), 3, in_dtype, specials=in_dtype != torch.float32)
+    calls = []
+    real = native.weighted_sum
+    monkeypatch.setattr(native, "weighted_sum", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for splits in ([], [3, 17, 18, 30]):
+        fused = run_weighted(name, tensors, shared, values, splits, out_dtype)
+        monkeypatch.setenv("DMERGE_NATIVE", "0")
+        reference = run_weighted(name, tensors, shared, values, splits, out_dtype)
+        monkeypatch.delenv("DMERGE_NATIVE")
+        same_bits(fused, reference)
+    assert len(calls) == 6  # the kernel ran (1 + 5 chunks); the reference did not
+
+
+def test_weighted_sum_rounds_products_and_sums_apart(monkeypatch):
+    """Each product and each sum is rounded on its own, as the torch path does: a fused
+    multiply-add would give another value here (checked in exact rational arithmetic)."""
+    from fractions import Fraction
+
+    a = torch.tensor([float.fromhex("0x1.d66b829d52152p+0")] * 19, dtype=torch.float64)  # 19: vector body and tail
+    b = torch.tensor([float.fromhex("0x1.8e73ca5d82919p+0")] * 19, dtype=torch.float64)
+    w = float.fromhex("0x1.5b2b5378f5c39p-1")
+    x = ChunkInputs(tensor_name="t", tensors=[a, b], base_index=None, params={"normalize": False},
+                    model_params=[{"weight": 1.0}, {"weight": w}], full_shape=(19,), row_start=0, row_stop=19,
+                    compute_dtype=torch.float64, out_dtype=torch.float64)
+    product = float(Fraction(b[0].item()) * Fraction(w))
+    apart = float(Fraction(a[0].item()) + Fraction(product))
+    assert apart != float(Fraction(a[0].item()) + Fraction(b[0].item()) * Fraction(w))  # a case that tells them apart
+    fused = get_method("linear").fn(x)
+    monkeypatch.setenv("DMERGE_NATIVE", "0")
+    reference = get_method("linear").fn(x)
+    assert fused.tolist() == reference.tolist() == [apart] * 19
+
+
+@pytest.mark.parametrize("case", ["dare_ties", "dare_linear", "dare_linear_negative"])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rescale_kernel_draws_once_and_gives_the_torch_bytes(monkeypatch, case, in_dtype):
+    """A one-chunk tensor, as the engine runs it (statistics, then the merge, on the same
+    inputs): the rescale statistic's kernel draws the keep-masks and the write pass uses
+    its bits (MASK_BITS) instead of drawing again; statistic and output bytes are the
+    torch path's. Keyed bits are drawn once per element: counted through the kernels'
+    mask kinds."""
+    name, shared, per_model = CASES[case]
+    method = get_method(name)
+    params, model_params = resolved(method, shared, per_model)
+    tensors = parents(zlib.crc32(case.encode()) + 1, len(per_model), in_dtype, specials=in_dtype != torch.float32)
+
+    def one_chunk() -> tuple[dict, torch.Tensor]:
+        x = ChunkInputs(tensor_name="model.layers.0.mlp.up_proj.weight", tensors=list(tensors), base_index=0,
+                        params=params, model_params=model_params, full_shape=SHAPE, row_start=0, row_stop=SHAPE[0],
+                        seed=5, compute_dtype=torch.float64, out_dtype=torch.bfloat16)
+        stats = {}
+        for _, stat in method.statistics_for(x):
+            x.stats = dict(stats)
+            stats[stat.name] = stat.final(stat.combine_all([stat.chunk(x)]), x)
+        x.stats = dict(stats)
+        return stats, method.fn(x)
+
+    kinds = []
+    real = native.gta_merge
+    monkeypatch.setattr(native, "gta_merge", lambda base, models, **k: (kinds.extend(m.mask for m in models),
+                                                                         real(base, models, **k))[1])
+    stats, fused = one_chunk()
+    monkeypatch.setenv("DMERGE_NATIVE", "0")
+    reference_stats, reference = one_chunk()
+    monkeypatch.delenv("DMERGE_NATIVE")
+    assert repr(stats) == repr(reference_stats) and stats["rescale"]  # repr: a NaN factor equals a NaN
+    same_bits(fused, reference)
+    random_models = sum(0 < p.get("density", 1) < 1 for p in per_model)
+    assert kinds.count(native.MASK_BITS) == random_models and native.MASK_RANDOM not in kinds, kinds
+
+
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                                 (torch.float32, torch.bfloat16), (torch.float64, torch.float16)])
+@pytest.mark.parametrize("shape", [SHAPE, (6, 1), (7,), (5, 3, 9)])
+def test_slerp_kernels_give_the_torch_bytes(monkeypatch, in_dtype, out_dtype, shape):
+    """slerp's Gram statistic (per-row dot products, pairwise) and its write pass (a
+    weighted sum of two sources) by the kernels and by torch: the same statistics, the
+    same bytes; the base listed second, and rows of odd, even and single length."""
+    g = torch.Generator().manual_seed(len(shape))
+    a = torch.randn(shape, generator=g, dtype=torch.float64)
+    tensors = [(a + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(in_dtype), a.to(in_dtype)]
+    method = get_method("slerp")
+    calls = []
+    for fn in ("gram_rows", "weighted_sum"):
+        real = getattr(native, fn)
+        monkeypatch.setattr(native, fn, lambda *args, _real=real, _fn=fn, **k: (calls.append(_fn), _real(*args, **k))[1])
+    rows = shape[0]
+    bounds = [0, 2, 3, rows] if rows > 3 else [0, rows]
+
+    def run() -> tuple[dict, torch.Tensor]:
+        def chunk(r0, r1, stats):
+            return ChunkInputs(tensor_name="model.layers.1.mlp.up_proj.weight", tensors=[t[r0:r1] for t in tensors],
+                               base_index=1, params={"t": 0.3}, model_params=[{}, {}], full_shape=shape,
+                               row_start=r0, row_stop=r1, compute_dtype=torch.float64, out_dtype=out_dtype,
+                               stats=dict(stats))
+        stat = method.statistics[0]
+        partials = [stat.chunk(chunk(r0, r1, {})) for r0, r1 in zip(bounds, bounds[1:])]
+        stats = {stat.name: stat.final(stat.combine_all(partials[::-1]), chunk(0, rows, {}))}
+        return stats, torch.cat([method.fn(chunk(r0, r1, stats)) for r0, r1 in zip(bounds, bounds[1:])])
+
+    stats, fused = run()
+    assert "gram_rows" in calls and "weighted_sum" in calls
+    monkeypatch.setenv("DMERGE_NATIVE", "0")
+    reference_stats, reference = run()
+    assert stats == reference_stats
+    same_bits(fused, reference)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_kernels_count_the_nonfinite_outputs(out_dtype):
+    """The kernels count the NaN/Inf they write (the engine then skips its own count):
+    the same number as dmerge.numerics.count_nonfinite, overflow to infinity included."""
+    from dmerge.methods.base import NONFINITE_OUTPUTS
+    from dmerge.numerics import count_nonfinite
+
+    tensors = parents(21, 3, torch.float32, specials=True)
+    tensors[1][5, :9] = 3e38  # overflows bf16/fp16 when summed with weight > 1
+    for name, shared, per_model in [("linear", {"normalize": False}, None), ("ties", {}, CASES["ties"][2])]:
+        method = get_method(name)
+        if per_model is None:
+            params = {p.name: shared.get(p.name, p.default) for p in method.params}
+            model_params = [{"weight": w} for w in (1.5, 1.0, 0.5, 0.25)]
+        else:
+            params, model_params = resolved(method, shared, per_model)
+        x = ChunkInputs(tensor_name="model.layers.0.mlp.up_proj.weight", tensors=list(tensors), base_index=0,
+                        params=params, model_params=model_params, full_shape=SHAPE, row_start=0, row_stop=SHAPE[0],
+                        compute_dtype=torch.float64, out_dtype=out_dtype)
+        for _, stat in method.statistics_for(x):
+            x.stats[stat.name] = stat.final(stat.combine_all([stat.chunk(x)]), x)
+        out = method.fn(x)
+        assert x.scratch[NONFINITE_OUTPUTS] == count_nonfinite(out) > 0, name

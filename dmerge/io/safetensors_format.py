@@ -13,27 +13,24 @@ import math
 import struct
 from dataclasses import dataclass
 
-import torch
-
 from dmerge.errors import InputModelError
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype code -> bytes per element. Plain data: reading headers and planning
+# never import torch (the torch dtype of a code: dmerge.numerics.torch_dtype).
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
 }
-CODE_OF: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# the same codes by torch's dtype names (torch.<name>)
+TORCH_DTYPE_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# Floating codes in torch's promotion order (a wider one wins; F16 with BF16 gives F32);
+# float8 codes promote with nothing but themselves.
+_FLOAT_RANK = {"F16": 1, "BF16": 1, "F32": 2, "F64": 3}
 
 # Recipe spellings of dtypes (mergekit accepts these) -> safetensors code.
 DTYPE_NAMES: dict[str, str] = {
@@ -53,7 +50,24 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 
 
 def itemsize(code: str) -> int:
-    return torch.empty((), dtype=DTYPES[code]).element_size()
+    """Bytes per element of a safetensors dtype code."""
+    return ITEMSIZE[code]
+
+
+def promote_codes(a: str, b: str) -> str | None:
+    """The dtype code torch's type promotion gives for tensors of codes ``a`` and ``b``
+    when ``a`` is floating (``torch.promote_types``; tests compare every pair), or None
+    where torch refuses (float8 with another type)."""
+    if a == b:
+        return a
+    if a.startswith("F8") or b.startswith("F8"):
+        return None
+    if b not in _FLOAT_RANK:  # an integer or bool: the floating type wins
+        return a
+    ra, rb = _FLOAT_RANK[a], _FLOAT_RANK[b]
+    if ra == rb:  # F16 with BF16
+        return "F32"
+    return a if ra > rb else b
 
 
 @dataclass(frozen=True)
@@ -112,7 +126,7 @@ def parse_header(prefix: bytes, header: bytes, file_size: int, where: str) -> tu
             b, e = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise InputModelError(f"{where}: malformed entry for tensor {name!r}") from None
-        if code not in DTYPES:
+        if code not in ITEMSIZE:
             raise InputModelError(f"{where}: tensor {name!r} has unsupported dtype {code}")
         if any(s < 0 for s in shape) or e < b or e - b != math.prod(shape) * itemsize(code):
             raise InputModelError(f"{where}: tensor {name!r} has inconsistent shape/offsets {list(shape)} [{b}, {e})")
@@ -149,3 +163,15 @@ def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(len(raw)) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def __getattr__(name: str):
+    """``DTYPES`` (code -> torch dtype) and ``CODE_OF`` (torch dtype -> code), as this
+    module had them, built on first use: only code that already works with torch
+    tensors asks for them, and importing this module does not import torch."""
+    if name in ("DTYPES", "CODE_OF"):
+        import torch
+
+        dtypes = {code: getattr(torch, torch_name) for code, torch_name in TORCH_DTYPE_NAMES.items()}
+        return dtypes if name == "DTYPES" else {v: k for k, v in dtypes.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

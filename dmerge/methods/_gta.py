@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge import native
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._reduce import compute_dtype, row_blocks
-from dmerge.methods._sparsify import ALL, NONE, Sparsifier, non_base_indices, rescale_statistic
+from dmerge.methods.base import NONFINITE_OUTPUTS
+from dmerge.methods._sparsify import ALL, NONE, Sparsifier, keep_bits_key, non_base_indices, rescale_statistic
 from dmerge.numerics import round_to, widen
 
 def gta_params(*, normalize: bool, rescale: bool) -> list[Param]:
@@ -113,7 +114,7 @@ def _merge_native(x: ChunkInputs, idx: list[int], sparsifier: Sparsifier | None,
         plain = sparsifier.plain_mask(x, i) if sparsifier is not None else {"kind": ALL}
         if plain is None:
             return False
-        m = native.Model(data=x.tensors[i].data_ptr(), dtype=native.DTYPE_CODES[x.tensors[i].dtype],
+        m = native.Model(data=x.tensors[i].data_ptr(), dtype=native.dtype_codes()[x.tensors[i].dtype],
                          weight=float(w), factor=float(factors.get(i, 1.0)))
         kind = plain["kind"]
         if kind == ALL:
@@ -133,11 +134,15 @@ def _merge_native(x: ChunkInputs, idx: list[int], sparsifier: Sparsifier | None,
         elif kind == "random":
             m.mask = native.MASK_RANDOM
             m.key, m.threshold = plain["key"], plain["threshold"]
+            bits = x.scratch.get(keep_bits_key(x, i, plain))
+            if bits is not None:  # drawn by the rescale statistic on these rows: not drawn again
+                m.mask, m.keep_bits = native.MASK_BITS, bits.data_ptr()
         else:
             return False
         models.append(m)
-    native.gta_merge(x.base, models, element_offset=x.element_offset, consensus=consensus,
-                     normalize=x.params["normalize"], total_weight=total, lam=x.params["lambda"], out=out)
+    x.scratch[NONFINITE_OUTPUTS] = native.gta_merge(
+        x.base, models, element_offset=x.element_offset, consensus=consensus, normalize=x.params["normalize"],
+        total_weight=total, lam=x.params["lambda"], out=out)
     return True
 
 

@@ -7,7 +7,7 @@ exceeds ``epsilon`` in magnitude. ``count`` is the number of contributors per el
 
 from __future__ import annotations
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs
 

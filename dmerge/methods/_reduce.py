@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable, Iterator
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge.methods.base import ChunkInputs, Statistic
 from dmerge.numerics import BLOCK_ELEMENTS, GPU_BLOCK_ELEMENTS, widen
@@ -120,7 +120,7 @@ def as_float64(t: torch.Tensor) -> torch.Tensor:
 # A partial is (n_rows, [(level, index, value), ...]): tree nodes not yet combined.
 # Node (level, m) covers global rows [m * 2**level, (m + 1) * 2**level) of n_rows.
 
-TreePartial = tuple[int, list[tuple[int, int, torch.Tensor]]]
+TreePartial = "tuple[int, list[tuple[int, int, torch.Tensor]]]"
 
 
 def _count(n_rows: int, level: int) -> int:
@@ -273,10 +273,15 @@ def gram_statistic(
     vectors: Callable[[ChunkInputs], list[torch.Tensor]],
     finalize: Callable[[list[list[float]], ChunkInputs], object] | None = None,
     when: Callable[[ChunkInputs], bool] | None = None,
+    sources: bool = False,
 ) -> Statistic:
     """Tensor-wide Gram matrix ``G[i][j] = <v_i, v_j>`` of the vectors ``vectors(x)``
     (each a whole tensor flattened), as float64 Python floats; then ``finalize``.
-    ``vectors`` is called on row blocks."""
+    ``vectors`` is called on row blocks.
+
+    ``sources``: the vectors are some of the chunk's source tensors themselves (no
+    arithmetic on them), so the fused kernel (:func:`dmerge.native.gram_rows`) can take
+    them as stored and compute the same row sums in the same order."""
 
     def per_row(x: ChunkInputs) -> torch.Tensor:
         return gram_rows([as_float64(v) for v in vectors(x)])
@@ -285,4 +290,25 @@ def gram_statistic(
         g = gram_from_triangle(total.tolist())
         return g if finalize is None else finalize(g, context)
 
-    return row_total_statistic(name, per_row, final, when)
+    stat = row_total_statistic(name, per_row, final, when)
+    if not sources:
+        return stat
+
+    def chunk(x: ChunkInputs) -> TreePartial:
+        values = _gram_rows_native(x, vectors(x))
+        return stat.chunk(x) if values is None else chunk_partial(x, [(x, values)])
+
+    return dataclasses.replace(stat, chunk=chunk)
+
+
+def _gram_rows_native(x: ChunkInputs, vectors: list[torch.Tensor]) -> torch.Tensor | None:
+    """:func:`gram_rows` of a whole chunk by the fused kernel; None where it does not
+    apply (kernels unavailable, not float64 compute, an empty chunk)."""
+    from dmerge import native
+
+    ref = x.tensors[0]
+    rows = ref.shape[0] if ref.dim() else 1
+    if (compute_dtype(x) != torch.float64 or not rows or not ref.numel() or len(vectors) > native.MAX_MODELS
+            or not native.usable(*vectors)):
+        return None
+    return native.gram_rows(list(vectors), rows, ref.numel() // rows)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterable
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge.methods._reduce import compute_dtype, row_blocks
 from dmerge.methods.base import ChunkInputs, Statistic
@@ -35,7 +35,7 @@ from dmerge.methods.base import ChunkInputs, Statistic
 ALL = "all"  # everything is selected: no key needs finding
 NONE = "none"  # nothing is selected
 
-Histogram = tuple[torch.Tensor, torch.Tensor]  # (distinct values ascending, int64; their counts, int64)
+Histogram = "tuple[torch.Tensor, torch.Tensor]"  # (distinct values ascending, int64; their counts, int64)
 
 # Histograms over at most this many values are counted and summed in a dense vector
 # (16 MiB at most); wider ones (the low 44 bits of float64 keys) by sorting their values.

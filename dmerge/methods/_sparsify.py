@@ -31,7 +31,7 @@ import hashlib
 import math
 from typing import Any, Callable
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge import native
 from dmerge.methods._reduce import chunk_partial, compute_dtype, row_sums, tree_combine, tree_total
@@ -49,14 +49,18 @@ def non_base_indices(x: ChunkInputs) -> list[int]:
     return [i for i in range(len(x.model_params)) if i != x.base_index]
 
 
-_EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16, torch.float32)
+_EXACT_IN_FLOAT32 = ("bfloat16", "float16", "float32")  # dtype names (torch is imported on first use)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rpartition(".")[2]
 
 
 def key_dtype(x: ChunkInputs) -> torch.dtype:
     """float32 when the parents are stored in a type float32 holds exactly (then a float32
     task vector has the same magnitude keys as the float64 one, see :func:`magnitude_key`),
     else the compute dtype. Selection passes need only keys, so they compute in this."""
-    return torch.float32 if all(t.dtype in _EXACT_IN_FLOAT32 for t in x.tensors) else compute_dtype(x)
+    return torch.float32 if all(_dtype_name(t.dtype) in _EXACT_IN_FLOAT32 for t in x.tensors) else compute_dtype(x)
 
 
 def block_task_vectors(xb: ChunkInputs, ids: list[int]) -> dict[int, torch.Tensor]:
@@ -583,6 +587,47 @@ def _magprune_probability(tv: torch.Tensor, d: float, eps: float) -> torch.Tenso
     return p.mul_(2 * eps / (cols - 1)).add_(d - eps).reshape(tv.shape)
 
 
+def keep_bits_key(x: ChunkInputs, i: int, plain: dict) -> tuple:
+    """Where in ``x.scratch`` model ``i``'s drawn random keep-mask on chunk ``x`` is kept
+    (everything that decides the bits: the stream, the threshold and the elements)."""
+    return ("keep_bits", i, plain["key"], plain["threshold"], x.element_offset, x.tensors[0].numel())
+
+
+_NATIVE_MASKS = {ALL: "MASK_ALL", NONE: "MASK_NONE", "random": "MASK_RANDOM"}
+
+
+def _rescale_partial_native(x: ChunkInputs, ids: list[int], sparsifier: Sparsifier):
+    """The rescale statistic's partial of chunk ``x`` by the fused kernel, bit for bit
+    the torch code's (same row sums in the same order); None where it does not apply
+    (kernels unavailable, not float64 compute, a mask other than all / none / random).
+
+    The random keep-masks it draws are left in ``x.scratch`` (packed bits), and the
+    write pass of the same chunk (:func:`dmerge.methods._gta._merge_native`) uses them:
+    each element's keyed random bits are drawn once per task, not twice."""
+    if not ids or compute_dtype(x) != torch.float64 or len(ids) > native.MAX_MODELS or not native.usable(*x.tensors):
+        return None
+    ref = x.tensors[0]
+    rows = ref.shape[0] if ref.dim() else 1
+    if not rows:
+        return None
+    models, plains = [], []
+    for i in ids:
+        plain = sparsifier.plain_mask(x, i)
+        if plain is None or plain["kind"] not in _NATIVE_MASKS:
+            return None
+        m = native.Model(data=x.tensors[i].data_ptr(), dtype=native.dtype_codes()[x.tensors[i].dtype],
+                         mask=getattr(native, _NATIVE_MASKS[plain["kind"]]))
+        if plain["kind"] == "random":
+            m.key, m.threshold = plain["key"], plain["threshold"]
+        models.append(m)
+        plains.append(plain)
+    values, bits = native.masked_l1_rows(x.base, models, rows, ref.numel() // rows, x.element_offset, keep_bits=True)
+    for i, plain, b in zip(ids, plains, bits):
+        if b is not None:
+            x.scratch[keep_bits_key(x, i, plain)] = b
+    return chunk_partial(x, [(x, values)])
+
+
 def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
     """mergekit's ``rescale``: scale each sparsified task vector by
     ``sum|tau| / sum|mask * tau|`` over the whole tensor (its l1 norm is kept).
@@ -596,6 +641,9 @@ def rescale_statistic(sparsifier: Sparsifier) -> Statistic:
 
     def chunk(x):
         ids = wanted(x)
+        partial = _rescale_partial_native(x, ids, sparsifier)
+        if partial is not None:
+            return partial
         maskers = {i: sparsifier.masker(x, i) for i in ids}
 
         def l1_rows(xb):  # per row, for each model: sum |tau|, sum |kept tau|

@@ -15,7 +15,7 @@ function serves whole tensors, rows and columns.
 
 from __future__ import annotations
 
-import torch
+from dmerge.lazy import torch
 
 
 def slerp_coefficients(t: float, cos: torch.Tensor, linear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

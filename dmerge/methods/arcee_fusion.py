@@ -18,7 +18,9 @@ scores, and for tensors of more than 10^6 elements a random sample of 10^6 of th
 Arcee AI (introduced in mergekit; no paper), https://arcee.ai
 """
 
-import torch
+from __future__ import annotations
+
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, merge_method
 from dmerge.methods._reduce import as_float64, blockwise, lastdim_sum

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
+from dmerge.lazy import torch
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,11 @@ class Param:
         return value
 
 
+# In ChunkInputs.scratch: how many of the rows a method returned are NaN or infinite, when
+# the fused kernel that wrote them counted them (the engine then does not count again).
+NONFINITE_OUTPUTS = "nonfinite_outputs"
+
+
 @dataclass
 class ChunkInputs:
     """The inputs of one method call: rows ``[row_start, row_stop)`` of one tensor.
@@ -138,6 +143,11 @@ class ChunkInputs:
     # dmerge.numerics.round_to): block-wise methods do, so no chunk-sized compute-dtype
     # result is ever held. None: return the compute dtype, the engine rounds.
     out_dtype: torch.dtype | None = None
+    # What one step of a task leaves for a later step of the same task, on the same rows:
+    # the keep-mask bits DARE's rescale statistic drew, which the write pass of a
+    # one-chunk tensor then uses instead of drawing them again (see keep_bits_key).
+    scratch: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
 
     @property
     def base(self) -> torch.Tensor:
@@ -201,6 +211,16 @@ class Statistic:
 
     def final(self, combined: Any, context: ChunkInputs) -> Any:
         return combined if self.finalize is None else self.finalize(combined, context)
+
+
+def context_of(tensor, stats: dict | None = None, row_start: int = 0, row_stop: int | None = None) -> ChunkInputs:
+    """A tensor's resolved parameters as a ChunkInputs without data (for finalize, when,
+    reads), for rows ``[row_start, row_stop)`` (default: the whole tensor)."""
+    return ChunkInputs(
+        tensor_name=tensor.name, tensors=[], base_index=tensor.base_index, params=tensor.params,
+        model_params=tensor.model_params, full_shape=tensor.shape, row_start=row_start,
+        row_stop=tensor.rows if row_stop is None else row_stop, stats=dict(stats or {}),
+    )
 
 
 def _sum_partials(partials: list[Any]) -> Any:

@@ -21,9 +21,11 @@ Karcher, "Riemannian center of mass and mollifier smoothing", Comm. Pure Appl. M
 30 (1977); mergekit's ``karcher`` cites https://arxiv.org/abs/2603.04972
 """
 
+
+from __future__ import annotations
 import math
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._linalg import matvec, norm

@@ -17,7 +17,9 @@ Jang, Yun, Han, "Model Stock: All we need is just a few fine-tuned models", ECCV
 https://arxiv.org/abs/2403.19522
 """
 
-import torch
+from __future__ import annotations
+
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._reduce import as_float64, blockwise, gram_statistic, lastdim_sum

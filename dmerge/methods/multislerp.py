@@ -25,9 +25,11 @@ more; we give every model count the same, finite answer.
 Goddard, "Multi-SLERP", https://goddard.blog/posts/multislerp-wow-what-a-cool-idea
 """
 
+
+from __future__ import annotations
 import math
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._linalg import matvec, norm

@@ -12,7 +12,9 @@ ones move towards it by ``t / |a - b|``, so no element moves by more than ``t``.
 alchemonaut, https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001
 """
 
-import torch
+from __future__ import annotations
+
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._reduce import blockwise

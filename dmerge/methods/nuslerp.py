@@ -19,7 +19,9 @@ all chunks first (exactly, see ``_reduce``). Row angles are computed inside the 
 mergekit's "NuSLERP" (mergekit.merge_methods.nuslerp).
 """
 
-import torch
+from __future__ import annotations
+
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._reduce import as_float64, blockwise, compute_dtype, gram_statistic, lastdim_sum, row_total_statistic

@@ -11,7 +11,9 @@ the parameter alone, as plain averaging would); shared changes are averaged.
 "Reinforced Agent Merging", https://arxiv.org/abs/2601.13572
 """
 
-import torch
+from __future__ import annotations
+
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._ram import contributions

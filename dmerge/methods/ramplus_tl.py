@@ -17,7 +17,9 @@ tensor-local: the rescaling is computed per tensor, not over the whole model.
 "Reinforced Agent Merging", https://arxiv.org/abs/2601.13572
 """
 
-import torch
+from __future__ import annotations
+
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, Statistic, merge_method
 from dmerge.methods._ram import contributions

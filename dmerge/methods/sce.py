@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-import torch
+from dmerge.lazy import torch
 
 from dmerge.methods import ChunkInputs, Param, Statistic, merge_method
 from dmerge.methods._reduce import chunk_partial, compute_dtype, row_blocks, row_sums, tree_combine, tree_total

@@ -17,13 +17,15 @@ Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985,
 https://doi.org/10.1145/325165.325242
 """
 
+from __future__ import annotations
+
 import math
 
-import torch
-
+from dmerge.lazy import torch
 from dmerge.methods import ChunkInputs, Param, merge_method
-from dmerge.methods._reduce import blockwise, gram_statistic
+from dmerge.methods._reduce import gram_statistic
 from dmerge.methods._sphere import scalar, slerp_coefficients
+from dmerge.methods._weighted import weighted_sum
 
 DOT_THRESHOLD = 0.9995  # above this |cos theta|, interpolate linearly
 NORM_EPS = 1e-8  # a norm at most this counts as zero
@@ -53,8 +55,8 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
     "slerp",
     requires_base=True,
     params=[Param("t", required=True, doc="interpolation factor: 0 = base model, 1 = the other model")],
-    statistics=[gram_statistic("slerp", lambda x: list(_pair(x)), _coefficients)],
-    work_tensors=2,  # the output and its rounding; the rest works on small row blocks
+    statistics=[gram_statistic("slerp", lambda x: list(_pair(x)), _coefficients, sources=True)],
+    work_tensors=0,  # no chunk-sized temporary: rows are rounded to the output as each block is done
     raw_inputs=True,
     check=_check,
     reference="https://doi.org/10.1145/325165.325242",
@@ -62,11 +64,6 @@ def _check(params: dict, model_params: list[dict]) -> str | None:
 def slerp(x: ChunkInputs) -> torch.Tensor:
     """Spherical interpolation of the whole tensor between base (t=0) and the other model (t=1)."""
     ca, cb = x.stats["slerp"]
-
-    def combine(xb: ChunkInputs) -> torch.Tensor:
-        a, b = _pair(xb)
-        out = a * ca
-        out += b * cb
-        return out
-
-    return blockwise(x, combine)
+    # a * ca + b * cb, each product and the sum rounded in float64, then once to the
+    # output dtype, block by block (or in the fused kernel)
+    return weighted_sum(x, [ca, cb], None, list(_pair(x)))

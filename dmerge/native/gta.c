@@ -14,13 +14,16 @@
  * Built on first use by dmerge/native/__init__.py; loaded through ctypes, which releases
  * the GIL for the duration of a call, so Dask's worker threads run these in parallel.
  */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "apply_random reads the halves of 64-bit words in little-endian order"
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_F64 = 3 };
-enum { MASK_ALL = 0, MASK_NONE = 1, MASK_WINDOW = 2, MASK_RANDOM = 3 };
+enum { MASK_ALL = 0, MASK_NONE = 1, MASK_WINDOW = 2, MASK_RANDOM = 3, MASK_BITS = 4 };
 
 #define BLOCK 1024          /* elements per step: a few float64 rows of this stay in L1 */
 #define MAX_MODELS 64
@@ -126,6 +129,23 @@ static void store(const double *v, int n, void *dst, int dt, int64_t at) {
     }
 }
 
+/* How many of n stored output elements (from index at) are NaN or infinite: all
+ * exponent bits set (dmerge.numerics.count_nonfinite), counted while they are in cache. */
+static int64_t count_special(const void *dst, int dt, int64_t at, int n) {
+    int64_t bad = 0;
+    switch (dt) {
+    case DT_F32: { const uint32_t *d = (const uint32_t *)dst + at;
+        for (int j = 0; j < n; j++) bad += (d[j] & 0x7F800000u) == 0x7F800000u; break; }
+    case DT_BF16: { const uint16_t *d = (const uint16_t *)dst + at;
+        for (int j = 0; j < n; j++) bad += (d[j] & 0x7F80u) == 0x7F80u; break; }
+    case DT_F16: { const uint16_t *d = (const uint16_t *)dst + at;
+        for (int j = 0; j < n; j++) bad += (d[j] & 0x7C00u) == 0x7C00u; break; }
+    default: { const uint64_t *d = (const uint64_t *)dst + at;
+        for (int j = 0; j < n; j++) bad += (d[j] & 0x7FF0000000000000ull) == 0x7FF0000000000000ull; break; }
+    }
+    return bad;
+}
+
 /* splitmix64 of counter c under key (dmerge.methods._sparsify._splitmix64). */
 static inline uint64_t splitmix64(uint64_t key, uint64_t c) {
     uint64_t z = key + (c + 1) * 0x9E3779B97F4A7C15ull;
@@ -151,6 +171,9 @@ typedef struct {
     /* MASK_RANDOM: keep where keyed bits < threshold */
     uint64_t key;
     int64_t threshold;
+    /* MASK_BITS: keep where bit j (little-endian within bytes) of these is set, j the
+       element's index in this call: the MASK_RANDOM bits dm_masked_l1_rows recorded */
+    const uint8_t *keep_bits;
 } dm_model;
 
 static void apply_window(dm_model *m, const double *d, int32_t *keys, double *keep, int n) {
@@ -182,20 +205,48 @@ static void apply_window(dm_model *m, const double *d, int32_t *keys, double *ke
     }
 }
 
+/* keep[j] = keyed bits of element first + j < threshold. One splitmix64 output serves two
+ * elements (low half: even index, high half: odd), so each is computed once: a loop
+ * over counters into z[], then one over elements (both vectorize). */
 static void apply_random(const dm_model *m, int64_t first, double *keep, int n) {
+    if (n <= 0) return;
     int64_t thr = m->threshold;
-    for (int j = 0; j < n; j++) {
+    uint64_t key = m->key;
+    uint64_t c0 = (uint64_t)first >> 1;
+    int skip = (int)(first & 1); /* element 0 takes the high half of counter c0 */
+    int pairs = (n + skip + 1) / 2;
+    uint64_t z[BLOCK / 2 + 1];
+    for (int p = 0; p < pairs; p++) z[p] = splitmix64(key, c0 + (uint64_t)p);
+    const uint32_t *halves = (const uint32_t *)z; /* little-endian: [2p] low, [2p + 1] high */
+    for (int j = 0; j < n; j++) keep[j] = (double)((int64_t)halves[j + skip] < thr);
+}
+
+/* byte -> its 8 bits as 0.0 / 1.0, lowest bit first: a byte of a keep-mask expands to
+ * eight keep values with one 64-byte copy (16 KiB, stays in L1) */
+static double bit_table[256][8];
+
+__attribute__((constructor)) static void fill_bit_table(void) { /* when the library is loaded */
+    for (int v = 0; v < 256; v++)
+        for (int k = 0; k < 8; k++) bit_table[v][k] = (double)((v >> k) & 1);
+}
+
+static void apply_bits(const dm_model *m, int64_t first, double *keep, int n) {
+    const uint8_t *bits = m->keep_bits;
+    int j = 0;
+    if ((first & 7) == 0) { /* whole bytes (blocks start at multiples of BLOCK): 8 elements each */
+        const uint8_t *by = bits + (first >> 3);
+        for (; j + 8 <= n; j += 8) memcpy(keep + j, bit_table[by[j >> 3]], 8 * sizeof(double));
+    }
+    for (; j < n; j++) {
         uint64_t e = (uint64_t)(first + j);
-        uint64_t z = splitmix64(m->key, e >> 1);
-        int64_t bits = (int64_t)((e & 1) ? (z >> 32) : (z & 0xFFFFFFFFull));
-        keep[j] = (double)(bits < thr);
+        keep[j] = (double)((bits[e >> 3] >> (e & 7)) & 1);
     }
 }
 
 /* The family's formula on n elements (see dmerge/methods/_gta.py), in float64, rounded
  * once to out_dtype. element_offset: flat index of element 0 in the whole tensor.
- * Returns 0, or -1 when the arguments are out of range. */
-int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t element_offset,
+ * Returns the number of NaN/Inf outputs, or -1 when the arguments are out of range. */
+int64_t dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t element_offset,
                  dm_model *models, int32_t n_models, int32_t consensus, int32_t normalize,
                  double total_weight, double lam, void *out, int32_t out_dtype) {
     if (n_models < 1 || n_models > MAX_MODELS) return -1;
@@ -205,6 +256,7 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
     double *ds = buf + 4 * BLOCK;
     int32_t keys[BLOCK];
     int divide_total = !consensus && normalize && fabs(total_weight) >= 1e-8;
+    int64_t bad = 0;
     for (int64_t at = 0; at < n; at += BLOCK) {
         int m = (int)(n - at < BLOCK ? n - at : BLOCK);
         widen_f64(base, base_dtype, at, m, b);
@@ -215,9 +267,10 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
             for (int j = 0; j < m; j++) d[j] = d[j] - b[j];
             if (md->mask == MASK_NONE) {
                 for (int j = 0; j < m; j++) d[j] = 0.0;
-            } else if (md->mask == MASK_WINDOW || md->mask == MASK_RANDOM) {
+            } else if (md->mask == MASK_WINDOW || md->mask == MASK_RANDOM || md->mask == MASK_BITS) {
                 if (md->mask == MASK_WINDOW) apply_window(md, d, keys, keep, m);
-                else apply_random(md, element_offset + at, keep, m);
+                else if (md->mask == MASK_RANDOM) apply_random(md, element_offset + at, keep, m);
+                else apply_bits(md, at, keep, m);
                 for (int j = 0; j < m; j++) d[j] = d[j] * keep[j];
                 if (md->factor != 1.0) {
                     double f = md->factor;
@@ -268,9 +321,148 @@ int dm_gta_merge(const void *base, int32_t base_dtype, int64_t n, int64_t elemen
             for (int j = 0; j < m; j++) mixed[j] = mixed[j] * lam;
         for (int j = 0; j < m; j++) mixed[j] = mixed[j] + b[j];
         store(mixed, m, out, out_dtype, at);
+        bad += count_special(out, out_dtype, at, m);
+    }
+    free(buf);
+    return bad;
+}
+
+/* Sum of a row's n values in dmerge.methods._reduce.lastdim_sum's order: a pairwise tree
+ * (element i plus element i + n/2, an odd last element added to element 0), in place. */
+static double pairwise_row_sum(double *v, int64_t n) {
+    if (n == 0) return 0.0;
+    while (n > 1) {
+        int64_t h = n / 2;
+        for (int64_t i = 0; i < h; i++) v[i] = v[i] + v[i + h];
+        if (n % 2) v[0] = v[0] + v[2 * h];
+        n = h;
+    }
+    return v[0];
+}
+
+/* DARE's rescale statistic (rescale_statistic in dmerge/methods/_sparsify.py) on a chunk
+ * of `rows` rows of `cols` elements: for each model i, per row, the sums of |x_i - base|
+ * and of |x_i - base| * keep_i (float64, lastdim_sum's order) into
+ * out[row * 2 * n_models + 2 * i] and [... + 1]. Masks: MASK_ALL (both sums the same),
+ * MASK_NONE (kept sum 0), MASK_RANDOM (element_offset: flat index of the chunk's first
+ * element in the whole tensor). Where bits[i] is not NULL the drawn keep-mask is stored
+ * there (ceil(rows * cols / 8) bytes, see MASK_BITS), so the write pass of the same chunk
+ * uses these bits instead of drawing them again. Returns 0, or -1 on bad arguments. */
+int dm_masked_l1_rows(const void *base, int32_t base_dtype, int64_t rows, int64_t cols, int64_t element_offset,
+                      const dm_model *models, int32_t n_models, double *out, uint8_t **bits) {
+    if (n_models < 1 || n_models > MAX_MODELS || cols < 0 || rows < 0) return -1;
+    for (int i = 0; i < n_models; i++) {
+        int mk = models[i].mask;
+        if (mk != MASK_ALL && mk != MASK_NONE && mk != MASK_RANDOM) return -1;
+        if (bits && bits[i]) memset(bits[i], 0, (size_t)((rows * cols + 7) / 8));
+    }
+    size_t width = cols > 0 ? (size_t)cols : 1;
+    /* per row: the base's row once, then each model's |tau| and kept |tau| */
+    double *buf = (double *)malloc(sizeof(double) * (3 * width + 2 * BLOCK));
+    if (!buf) return -1;
+    double *b = buf, *a = buf + width, *kept = buf + 2 * width, *x = buf + 3 * width, *keep = x + BLOCK;
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t row0 = r * cols;
+        for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
+            int m = (int)(cols - c0 < BLOCK ? cols - c0 : BLOCK);
+            widen_f64(base, base_dtype, row0 + c0, m, b + c0);
+        }
+        for (int i = 0; i < n_models; i++) {
+            const dm_model *md = &models[i];
+            uint8_t *mbits = bits ? bits[i] : NULL;
+            for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
+                int m = (int)(cols - c0 < BLOCK ? cols - c0 : BLOCK);
+                widen_f64(md->data, md->dtype, row0 + c0, m, x);
+                double *ar = a + c0, *kr = kept + c0;
+                const double *br = b + c0;
+                for (int j = 0; j < m; j++) ar[j] = fabs(x[j] - br[j]);
+                if (md->mask != MASK_RANDOM) continue;
+                apply_random(md, element_offset + row0 + c0, keep, m);
+                for (int j = 0; j < m; j++) kr[j] = ar[j] * keep[j];
+                if (!mbits) continue;
+                int64_t e0 = row0 + c0; /* chunk-relative index of keep[0] */
+                int j = 0;
+                for (; j < m && ((e0 + j) & 7); j++) mbits[(e0 + j) >> 3] |= (uint8_t)((keep[j] != 0.0) << ((e0 + j) & 7));
+                for (; j + 8 <= m; j += 8) { /* whole bytes */
+                    uint32_t byte = 0;
+                    for (int k = 0; k < 8; k++) byte |= (uint32_t)(keep[j + k] != 0.0) << k;
+                    mbits[(e0 + j) >> 3] = (uint8_t)byte;
+                }
+                for (; j < m; j++) mbits[(e0 + j) >> 3] |= (uint8_t)((keep[j] != 0.0) << ((e0 + j) & 7));
+            }
+            double before = pairwise_row_sum(a, cols), after;
+            if (md->mask == MASK_ALL) after = before;
+            else if (md->mask == MASK_NONE) after = 0.0;
+            else after = pairwise_row_sum(kept, cols);
+            out[r * 2 * n_models + 2 * i] = before;
+            out[r * 2 * n_models + 2 * i + 1] = after;
+        }
     }
     free(buf);
     return 0;
+}
+
+/* Per-row inner products of m vectors (gram_rows in dmerge/methods/_reduce.py): for
+ * every pair i <= j in row-major upper-triangle order, per row of `cols` elements,
+ * dot_rows' order: y[t] = v_i[t] v_j[t] + v_i[t + h] v_j[t + h] (h = cols / 2; an odd
+ * last product added to y[0]), then lastdim_sum's pairwise tree over y. Into
+ * out[row * m (m + 1) / 2 + pair]. Returns 0, or -1 on bad arguments. */
+int dm_gram_rows(const void **xs, const int32_t *x_dtypes, int32_t m, int64_t rows, int64_t cols, double *out) {
+    if (m < 1 || m > MAX_MODELS || rows < 0 || cols < 0) return -1;
+    size_t width = cols > 0 ? (size_t)cols : 1;
+    double *buf = (double *)malloc(sizeof(double) * width * (size_t)(m + 1));
+    if (!buf) return -1;
+    double *y = buf + width * (size_t)m;
+    int64_t pairs = (int64_t)m * (m + 1) / 2, h = cols / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int k = 0; k < m; k++)
+            for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
+                int n = (int)(cols - c0 < BLOCK ? cols - c0 : BLOCK);
+                widen_f64(xs[k], x_dtypes[k], r * cols + c0, n, buf + width * (size_t)k + c0);
+            }
+        int64_t p = 0;
+        for (int i = 0; i < m; i++)
+            for (int j = i; j < m; j++, p++) {
+                const double *a = buf + width * (size_t)i, *b = buf + width * (size_t)j;
+                double total;
+                if (cols < 2) total = cols ? a[0] * b[0] : 0.0;
+                else {
+                    for (int64_t t = 0; t < h; t++) y[t] = a[t] * b[t] + a[t + h] * b[t + h];
+                    if (cols % 2) y[0] = y[0] + a[2 * h] * b[2 * h];
+                    total = pairwise_row_sum(y, h);
+                }
+                out[r * pairs + p] = total;
+            }
+    }
+    free(buf);
+    return 0;
+}
+
+/* Weighted sum (linear, passthrough's scale; dmerge/methods/_weighted.py) of n elements:
+ * acc = x_0 * w_0, then acc = acc + x_i * w_i in model order (a product, rounded, then a
+ * sum, rounded: never fused), then acc / divisor when divide; rounded once to out_dtype.
+ * Returns the number of NaN/Inf outputs, or -1 on bad arguments. */
+int64_t dm_weighted_sum(const void **xs, const int32_t *x_dtypes, const double *weights, int32_t n_models, int64_t n,
+                    int32_t divide, double divisor, void *out, int32_t out_dtype) {
+    if (n_models < 1 || n_models > MAX_MODELS) return -1;
+    double acc[BLOCK], x[BLOCK];
+    int64_t bad = 0;
+    for (int64_t at = 0; at < n; at += BLOCK) {
+        int m = (int)(n - at < BLOCK ? n - at : BLOCK);
+        widen_f64(xs[0], x_dtypes[0], at, m, acc);
+        double w0 = weights[0];
+        for (int j = 0; j < m; j++) acc[j] = acc[j] * w0;
+        for (int i = 1; i < n_models; i++) {
+            double w = weights[i];
+            widen_f64(xs[i], x_dtypes[i], at, m, x);
+            for (int j = 0; j < m; j++) acc[j] = acc[j] + x[j] * w;
+        }
+        if (divide)
+            for (int j = 0; j < m; j++) acc[j] = acc[j] / divisor;
+        store(acc, m, out, out_dtype, at);
+        bad += count_special(out, out_dtype, at, m);
+    }
+    return bad;
 }
 
 /* Radix-select coarse pass (RankSelect._coarse_chunk with magnitude keys of task
@@ -366,4 +558,4 @@ done:
     return rc;
 }
 
-int dm_abi_version(void) { return 1; }
+int dm_abi_version(void) { return 5; }
