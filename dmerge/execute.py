@@ -54,6 +54,7 @@ class RunResult:
     units_resumed: int | None = None  # of them, done by an earlier run and verified (resumed runs only)
     peak_memory: dict = None  # worker address -> peak resident bytes of its process
     reruns: int = 0  # write tasks run again: after a worker died holding them, or retried (--retries)
+    reports: list = None  # what the plan's computations report (a MoE's routing report)
 
 
 @contextlib.contextmanager
@@ -310,6 +311,8 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         paths = [output.shard_path(s.name) for s in plan.shards]
         dsk, keys = build_graph(plan, paths, rid, done={(u.t, u.c) for u in done})
         bytes_read = bytes_written = 0
+        report_keys = _report_keys(keys)
+        reports: list = []
         with _DeferredInterrupts() as interrupts, dask_client(cluster, quiet=quiet) as client:
             # with --cuda on a cluster whose workers declare GPUs (`--resources GPU=1`), the
             # arithmetic goes to those; byte copies go to any worker
@@ -341,6 +344,9 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
                         exc = fut.exception()
                         client.cancel(futures)
                         raise exc
+                    if fut.key in report_keys:
+                        reports.append(fut.result())
+                        continue
                     r, w, checksum = fut.result()
                     journal.record(_unit(plan, fut.key, w, checksum))
                     bytes_read += r
@@ -349,7 +355,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             finally:
                 bar.close()
             peaks = _peak_memory(client)
-            reruns = _reruns(client, keys, cluster.retries)
+            reruns = _reruns(client, [k for k in keys if k not in report_keys], cluster.retries)
         output.commit_shards(plan.shards)
         finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
         journal.close()
@@ -373,7 +379,14 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
     header_bytes = sum(len(s.header) for s in plan.shards)
     return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written + header_bytes, len(dsk),
                      units=sum(t.n_chunks for t in plan.tensors), units_resumed=len(done) if resuming else None,
-                     peak_memory=peaks, reruns=reruns)
+                     peak_memory=peaks, reruns=reruns, reports=reports)
+
+
+def _report_keys(keys: list) -> set:
+    """The graph's output keys that are computations' reports, not writes."""
+    from dmerge.graph import COMPUTATION_INDEX
+
+    return {k for k in keys if k[1] == COMPUTATION_INDEX}
 
 
 def _reruns(client, keys: list, retries: int) -> int:

@@ -284,6 +284,24 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
     return nread, *_finish(job, round_to(result, DTYPES[tp.dtype]), out_offset)
 
 
+@_inference
+def write_computed(job: ChunkJob, part: Reduction) -> tuple[int, int, int]:
+    """Write rows of a computed tensor (no parent bytes: its values come from a
+    computation of the plan, e.g. a MoE router from prompt hidden states). ``part`` holds
+    the whole tensor's values and the parent bytes the computation read for it; they are
+    rounded once to the output dtype, checked and written like a merged chunk's. Returns
+    (bytes read, bytes written, CRC-32)."""
+    tp = job.tensor
+    values = torch.as_tensor(part.value)
+    if tuple(values.shape) != tuple(tp.shape):
+        raise MergeExecutionError(f"{tp.name}: computed values have shape {list(values.shape)}, "
+                                  f"expected {list(tp.shape)}")
+    rows = values[job.row_start:job.row_stop] if values.dim() else values
+    out_offset = tp.offset + job.row_start * tp.row_bytes
+    written = _finish(job, round_to(rows.cpu(), DTYPES[tp.dtype]), out_offset)
+    return (part.bytes_read if job.row_start == 0 else 0), *written
+
+
 def _write(job: ChunkJob, out_offset: int, data: memoryview) -> tuple[int, int]:
     """Write ``data`` at its offset; returns (bytes written, their CRC-32). The checksum
     is taken from the data in memory, before writing: no second pass over the shard."""
@@ -339,5 +357,5 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 register_sizeof()
 
-__all__ = ["ChunkJob", "Reduction", "merge_chunk", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
+__all__ = ["ChunkJob", "Reduction", "merge_chunk", "write_computed", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
            "vocab_pad_finalize", "context_of", "read_rows"]
