@@ -315,16 +315,17 @@ def _friendly_errors(fn):
     return wrapper
 
 
-def _run_with_mergekit_flags(recipe_path: str, out_dir: str, params: dict) -> None:
-    """Translate mergekit-yaml's flags, print their notes, and run the merge."""
+def _run_with_mergekit_flags(recipe_path: str, out_dir: str, params: dict, moe: bool = False) -> None:
+    """Translate mergekit-yaml's flags, print their notes, and run the merge (``moe``:
+    the recipe is a FrankenMoE recipe in mergekit-moe's format)."""
     options, notes = translate_mergekit_flags(params)
     for note in notes:
         click.echo(note, err=True)
     _set_verbosity(options.pop("verbosity", 0))
-    _do_run(recipe_path, out_dir, **options)
+    _do_run(recipe_path, out_dir, moe=moe, **options)
 
 
-def _do_run(recipe_path: str, out_dir: str, **o) -> None:
+def _do_run(recipe_path: str, out_dir: str, moe: bool = False, expert_layout: str | None = None, **o) -> None:
     install_warning_format()
     from dmerge.execute import (ClusterOptions, check_worker_memory, chunk_budget, describe_result, run_plan,
                                 worker_memory)
@@ -334,7 +335,12 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
     with warnings.catch_warnings():
         if o["quiet"]:
             warnings.simplefilter("ignore")
-        recipe = load_recipe(recipe_path, allow_crimes=o["allow_crimes"])
+        if moe:
+            from dmerge.moe.recipe import load_moe_recipe
+
+            recipe = load_moe_recipe(recipe_path, allow_crimes=o["allow_crimes"], expert_layout=expert_layout)
+        else:
+            recipe = load_recipe(recipe_path, allow_crimes=o["allow_crimes"])
     device = "cpu"
     if o["cuda"]:
         from dmerge.execute import workers_with_gpu
@@ -373,6 +379,15 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
                       resume_command=_resume_command())
     if not o["quiet"]:
         click.echo(describe_result(result))  # stdout, for scripts; progress and logs stay on stderr
+    if result.reports:
+        from dmerge.moe.report import describe_report, parallel_rows_warning
+
+        for report in result.reports:
+            warning = parallel_rows_warning(report)
+            if warning:
+                click.echo(f"warning: {warning}", err=True)
+            if not o["quiet"]:
+                click.echo(describe_report(report))
 
 
 def _resume_command() -> str | None:
@@ -437,6 +452,26 @@ def mergekit_yaml(config_file: str, out_path: str, **options) -> None:
     one-line note saying why.
     """
     _run_with_mergekit_flags(config_file, out_path, options)
+
+
+@main.command("moe", epilog=SIZE_HELP)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--expert-layout", type=click.Choice(["per_expert", "packed"]), default=None,
+              help="Expert tensors as the Hub's checkpoints name them (per_expert, default) or transformers 5's "
+                   "fused tensors (packed); overrides the recipe's expert_layout.")
+@_merge_options
+@_friendly_errors
+def moe_cmd(recipe: str, out_dir: str, expert_layout: str | None, **options) -> None:
+    """Assemble a FrankenMoE from RECIPE (mergekit-moe's YAML) into OUT_DIR.
+
+    Attention, norms and embeddings come from base_model, each expert's MLP from its
+    source_model; the routers are computed from the prompts, one decoder layer at a
+    time (gate_mode hidden, cheap_embed, random, uniform_random, router_input). A
+    routing report is printed and written to OUT_DIR/routing_report.json.
+    """
+    options["expert_layout"] = expert_layout
+    _run_with_mergekit_flags(recipe, out_dir, options, moe=True)
 
 
 @main.command("plan", epilog=SIZE_HELP)

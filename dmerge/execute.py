@@ -345,7 +345,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
                         client.cancel(futures)
                         raise exc
                     if fut.key in report_keys:
-                        reports.append(fut.result())
+                        reports.append((fut.key, fut.result()))
                         continue
                     r, w, checksum = fut.result()
                     journal.record(_unit(plan, fut.key, w, checksum))
@@ -357,7 +357,9 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             peaks = _peak_memory(client)
             reruns = _reruns(client, [k for k in keys if k not in report_keys], cluster.retries)
         output.commit_shards(plan.shards)
-        finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+        reports = [value for _, value in sorted(reports, key=lambda kv: kv[0][0])]
+        finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+                      reports=_report_files(plan, reports))
         journal.close()
         remove_journal(output.folder)  # the index is written: the folder is complete
     except BaseException as e:
@@ -380,6 +382,12 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
     return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written + header_bytes, len(dsk),
                      units=sum(t.n_chunks for t in plan.tensors), units_resumed=len(done) if resuming else None,
                      peak_memory=peaks, reruns=reruns, reports=reports)
+
+
+def _report_files(plan: Plan, reports: list) -> dict:
+    """The files the computations' reports go to in the output folder (``report_file``)."""
+    with_report = [c for c in plan.computations if getattr(c, "report_file", None)]
+    return {c.report_file: r for c, r in zip(with_report, reports)}
 
 
 def _report_keys(keys: list) -> set:
@@ -490,12 +498,16 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def finish_output(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool, write_model_card: bool) -> None:
-    """config.json, tokenizer, recipe, model card, and finally the index."""
+def finish_output(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool, write_model_card: bool,
+                  reports: dict | None = None) -> None:
+    """config.json, tokenizer, recipe, model card, reports (a MoE's routing report), and
+    finally the index."""
     from dmerge.recipe import INTERNAL_FIELDS
 
     recipe = plan.recipe
     output.write_json("config.json", plan.out_config)
+    for name, doc in (reports or {}).items():
+        output.write_json(name, doc)
     write_tokenizer(plan, output, copy_tokenizer=copy_tokenizer)
     text = recipe.source_text or yaml.safe_dump(recipe.model_dump(exclude_none=True, exclude=set(INTERNAL_FIELDS)))
     output.write_text("mergekit_config.yml", text)
@@ -547,6 +559,9 @@ def write_tokenizer(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool) ->
 def _tokenizer_model(plan: Plan) -> str | None:
     """The model whose tokenizer files are copied: the base model, else the first one."""
     recipe = plan.recipe
+    own = getattr(recipe, "tokenizer_ref", None)  # a MoE recipe names the model whose tokenizer it uses
+    if own in plan.models:
+        return own
     if recipe.base_model in plan.models:
         return recipe.base_model
     return next(iter(plan.models), None)
