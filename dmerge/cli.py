@@ -379,7 +379,7 @@ def _do_run(recipe_path: str, out_dir: str, moe: bool = False, expert_layout: st
                       resume_command=_resume_command())
     if not o["quiet"]:
         click.echo(describe_result(result))  # stdout, for scripts; progress and logs stay on stderr
-    if result.reports:
+    if getattr(result, "reports", None):  # (a MoE's routing report)
         from dmerge.moe.report import describe_report, parallel_rows_warning
 
         for report in result.reports:

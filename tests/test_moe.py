@@ -202,7 +202,8 @@ def test_hidden_gates_agree_with_mergekit_moe(families, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_layer_by_layer_pass_equals_full_forward(families, kind):
-    """The chain of one-layer tasks gives transformers' hidden_states of a full forward."""
+    """The chain of one-layer tasks gives transformers' hidden_states of a full forward,
+    with every weight read in blocks of MATMUL_ROWS rows (the smallest budget)."""
     import transformers
 
     from dmerge.moe.hidden import embed_prompts, run_layer
@@ -210,13 +211,26 @@ def test_layer_by_layer_pass_equals_full_forward(families, kind):
     from dmerge.moe.recipe import load_moe_recipe
 
     fam = families[kind]
-    plan = build_moe_plan(load_moe_recipe(_recipe(fam, "hidden", shared=kind == "qwen2"), is_text=True))
+    plan = build_moe_plan(load_moe_recipe(_recipe(fam, "hidden", shared=kind == "qwen2"), is_text=True),
+                          chunk_bytes=1)
     rp = plan.computations[0]
     ids, mask = rp.prompts.tensors()
     assert bool((mask[:, 0] == 0).any()), "the prompts should need left padding"
     full = transformers.AutoModelForCausalLM.from_pretrained(fam["base"], dtype=torch.float32)
     with torch.no_grad():
         expected = full(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    import dmerge.moe.hidden as hidden
+
+    hidden.MATMUL_ROWS, saved = 32, hidden.MATMUL_ROWS  # several blocks per weight even in these tiny layers
+    try:
+        check_chain(rp, ids, mask, expected)
+    finally:
+        hidden.MATMUL_ROWS = saved
+
+
+def check_chain(rp, ids, mask, expected):
+    from dmerge.moe.hidden import embed_prompts, run_layer
+
     state = embed_prompts(rp)
     real = mask.bool()  # padding positions are masked out of everything that reads them
     for i in range(rp.n_layers):

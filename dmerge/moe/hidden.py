@@ -78,6 +78,7 @@ class RouterPass:
     n_shared: int
     hidden: int
     seed: int = 0
+    chunk_bytes: int = 128 << 20  # what one block of a layer's weights may hold (see StreamedLinear)
     names: list[str] = field(default_factory=list)  # routed expert names, for the report
     report_file: str = "routing_report.json"  # where the routing report goes in the output folder
 
@@ -107,13 +108,21 @@ class RouterPass:
 
     @property
     def peak_task_bytes(self) -> int:
-        """One layer's weights as stored and widened to float32, and a few copies of
-        the activations (input, attention, MLP intermediates)."""
-        biggest = max(self.layer_bytes, default=0)
-        widened = max((sum(loc.entry.nbytes // max(1, DTYPES[loc.entry.dtype].itemsize) * 4 for loc in layer.values())
-                       for layer in self.layers), default=0)
+        """One block of a layer's weights (stored and float32, within ``chunk_bytes``),
+        the small tensors (norms, biases), and a few copies of the activations (input,
+        attention, MLP intermediates)."""
+        block = 0
+        small = 0
+        for layer in self.layers:
+            for name, loc in layer.items():
+                if name.endswith(".weight") and len(loc.entry.shape) == 2:
+                    per_row = loc.entry.row_bytes * 3  # bf16/fp16 stored + float32 (fp32: an overestimate)
+                    block = max(block, min(loc.entry.rows, rows_per_block(loc, self.chunk_bytes)) * per_row)
+                else:
+                    small = max(small, loc.entry.nbytes * 3)
         inter = int(self.config.get("intermediate_size") or 4 * self.hidden)
-        return biggest + widened + 6 * self.activation_bytes + 3 * self.activation_bytes * inter // max(1, self.hidden)
+        acts = 6 * self.activation_bytes + 3 * self.activation_bytes * inter // max(1, self.hidden)
+        return block + small * 4 + acts
 
     def describe(self) -> str:
         return (f"routers ({self.mode}) from {len(self.prompts.input_ids)} prompts, layer by layer over "
@@ -228,19 +237,87 @@ def attention_mask_4d(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                                                                                torch.finfo(dtype).min)
 
 
+# Rows of one matrix product in StreamedLinear.
+MATMUL_ROWS = 256
+
+
+class StreamedLinear(torch.nn.Module):
+    """A linear layer whose weight stays where it is stored: each call reads it by
+    byte range in blocks of ``rows_per_block`` output rows (contiguous in the file),
+    widens a block to float32, multiplies, and drops it. A task then holds one block,
+    not the layer: a 405B decoder layer (6.4 GB in bf16) runs within a worker's chunk
+    budget. The product is the same as the whole matrix's, up to float32 summation
+    order within a row (each output column is one block's dot products).
+    """
+
+    def __init__(self, weight: Location, bias: torch.Tensor | None, rows_per_block: int):
+        super().__init__()
+        self.loc = weight
+        self.bias = bias
+        self.rows_per_block = max(1, rows_per_block)
+        self.bytes_read = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        entry = self.loc.entry
+        out_rows = entry.shape[0]
+        out = torch.empty(*x.shape[:-1], out_rows, dtype=x.dtype, device=x.device)
+        for r0 in range(0, out_rows, self.rows_per_block):
+            r1 = min(out_rows, r0 + self.rows_per_block)
+            buf, n = read_rows(self.loc.file, entry, r0, r1)
+            self.bytes_read += n
+            w = widen(buf.view(DTYPES[entry.dtype]).reshape(r1 - r0, *entry.shape[1:]).to(x.device), x.dtype)
+            # fixed-size products: the arithmetic (and the routers' bytes) do not depend on
+            # how many rows a read brings
+            for s0 in range(0, r1 - r0, MATMUL_ROWS):
+                s1 = min(r1 - r0, s0 + MATMUL_ROWS)
+                out[..., r0 + s0:r0 + s1] = x @ w[s0:s1].T
+            del w, buf
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+
+def rows_per_block(loc: Location, budget: int) -> int:
+    """Output rows of a weight one read may bring (stored bytes plus the float32 copy
+    within ``budget``), a multiple of MATMUL_ROWS."""
+    per_row = loc.entry.row_bytes + 4 * (loc.entry.row_bytes // max(1, DTYPES[loc.entry.dtype].itemsize))
+    return max(MATMUL_ROWS, budget // max(1, per_row) // MATMUL_ROWS * MATMUL_ROWS)
+
+
 def build_layer(rp: RouterPass, index: int, device: str):
-    """Decoder layer ``index`` of the base as the installed transformers' module, its
-    weights read by byte range; returns (layer, rotary embedding, bytes read)."""
+    """Decoder layer ``index`` of the base as the installed transformers' module: its
+    norms (small) read by byte range, its linear layers replaced by
+    :class:`StreamedLinear` (weights read block by block within ``rp.chunk_bytes`` as
+    the forward needs them). Returns (layer, rotary embedding, linears, bytes read so far)."""
     layer_cls, rotary_cls = layer_classes(rp.model_type)
     cfg = hf_config(rp.model_type, rp.config)
     with torch.device("meta"):
         layer = layer_cls(cfg, index)
-    state, nread = {}, 0
-    for name, loc in rp.layers[index].items():
+    locs = rp.layers[index]
+    linears = {}
+    nread = 0
+    for name, module in list(layer.named_modules()):
+        if isinstance(module, torch.nn.Linear) and f"{name}.weight" in locs:
+            bias = None
+            if module.bias is not None:
+                bias, n = _read_tensor(locs[f"{name}.bias"], device)
+                nread += n
+            linears[name] = StreamedLinear(locs[f"{name}.weight"], bias,
+                                           rows_per_block(locs[f"{name}.weight"], rp.chunk_bytes))
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, linears[name])
+    state = {}
+    for name, loc in locs.items():
+        owner = name.rpartition(".")[0]
+        if owner in linears:
+            continue
         state[name], n = _read_tensor(loc, device)
         nread += n
-    layer.load_state_dict(state, assign=True, strict=True)
-    return layer.eval(), rotary_cls(cfg).to(device), nread
+    missing, unexpected = layer.load_state_dict(state, assign=True, strict=False)
+    missing = [m for m in missing if m.rpartition(".")[0] not in linears]
+    if missing or unexpected:
+        raise RuntimeError(f"layer {index}: tensors the module lacks {unexpected}, or has no weights for {missing}")
+    return layer.eval(), rotary_cls(cfg).to(device), list(linears.values()), nread
 
 
 def decoder_forward(layer, rotary, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,9 +354,10 @@ def run_layer(rp: RouterPass, index: int, prev: LayerState, device: str = "cpu")
     device = compute_device(device)
     ids, mask = rp.prompts.tensors()
     mask = mask.to(device)
-    layer, rotary, nread = build_layer(rp, index, device)
+    layer, rotary, linears, nread = build_layer(rp, index, device)
     h = prev.hidden.to(device)
     out, x = decoder_forward(layer, rotary, h, mask)
+    nread += sum(lin.bytes_read for lin in linears)
     rows = layer_rows(rp, index, h, x, mask, prev.cheap)
     routed = rows[: rp.n_routed]
     stats = {"own": [], "total": [], "max_cosine": None, "n_shared": rp.n_shared}

@@ -168,7 +168,8 @@ class MoEPlanner:
                           embedding=Location(emb.file, emb.entry), layers=layers,
                           prompts=tokenize_prompts(self.recipe, self.ctx.models, trust_remote_code),
                           n_routed=len(self.experts), n_shared=len(self.shared),
-                          hidden=int(self.base.config["hidden_size"]), seed=seed, names=names)
+                          hidden=int(self.base.config["hidden_size"]), seed=seed,
+                          chunk_bytes=self.ctx.chunk_bytes, names=names)
 
 
 def tokenize_prompts(recipe: MoERecipe, models: dict, trust_remote_code: bool = False) -> Prompts:
