@@ -96,10 +96,17 @@ class TensorPlan:
     # output row (see dmerge.vocab). None: output row r is row r of every source.
     row_map: RowMap | None = field(default=None, repr=False)
     computed: ComputedSource | None = None
+    # Leading dimensions that count as rows for chunking: 2 for a stacked [experts, out,
+    # in] tensor, so a chunk is a range of its experts' rows and stays within the budget.
+    row_ndim: int = 1
+    # A tensor assembled from several parents' tensors (a MoE's packed experts): output
+    # rows [out_row, out_row + piece.rows) are ``piece`` (a TensorPlan of the part, as
+    # if it were its own tensor), in row order. Its chunks are written piece by piece.
+    pieces: tuple[tuple[int, "TensorPlan"], ...] | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
+        return math.prod(self.shape[:self.row_ndim]) if self.shape else 1
 
     @property
     def numel(self) -> int:
@@ -133,6 +140,8 @@ class TensorPlan:
         srcs = ", ".join(f"{s.model}:{s.name}" for s in self.sources)
         if self.computed is not None:
             srcs = f"computed {self.computed.part}"
+        if self.pieces is not None:
+            srcs = f"{len(self.pieces)} pieces: " + srcs
         how = "copy" if self.copy_bytes else self.method
         extra = f" [{self.row_map.describe()}]" if self.row_map is not None else ""
         return f"{self.name} {list(self.shape)} {self.dtype} {how} chunks={self.n_chunks} <- {srcs}{extra}"
@@ -222,6 +231,9 @@ class Plan:
                            t.shard, t.offset, srcs)).encode())
             if t.computed is not None:
                 h.update(repr(t.computed).encode())
+            if t.pieces is not None:
+                h.update(repr([(row, p.name, p.method, p.model_params, p.copy_bytes, p.rows_per_chunk)
+                               for row, p in t.pieces]).encode())
             if t.row_map is not None:
                 rm = t.row_map
                 for part in rm.own + [rm.copy_from]:

@@ -244,8 +244,29 @@ def merge_chunk(job: ChunkJob, stats: Reduction | None = None, pad: Reduction | 
     return nread + extra, nwritten, checksum
 
 
+def _merge_pieces(job: ChunkJob) -> tuple[int, int, int]:
+    """A chunk of a tensor assembled from pieces (see ``TensorPlan.pieces``): each piece's
+    rows in the chunk are written as that piece's own chunk (copied, cast, scaled, ...),
+    at the piece's place in the tensor; the CRC is taken over the chunk's bytes once written."""
+    tp = job.tensor
+    nread = nwritten = 0
+    for out_row, piece in tp.pieces:
+        a, b = max(job.row_start, out_row), min(job.row_stop, out_row + piece.rows)
+        if a >= b:
+            continue
+        placed = dataclasses.replace(piece, shard=tp.shard, offset=tp.offset + out_row * tp.row_bytes)
+        r, w, _ = _merge_chunk(dataclasses.replace(job, tensor=placed, row_start=a - out_row, row_stop=b - out_row),
+                               None, None)
+        nread += r
+        nwritten += w
+    offset = tp.offset + job.row_start * tp.row_bytes
+    return nread, nwritten, checksum_range(job.out_path, offset, nwritten) if nwritten else zlib.crc32(b"")
+
+
 def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> tuple[int, int, int]:
     tp = job.tensor
+    if tp.pieces is not None:
+        return _merge_pieces(job)
     out_offset = tp.offset + job.row_start * tp.row_bytes
     if tp.copy_bytes and job.row_map is not None:
         rows, nread = vocab.gather_bytes(tp.sources, job.row_map, tp.row_bytes)

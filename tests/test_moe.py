@@ -359,3 +359,41 @@ def test_recipe_errors_before_any_work(families, tmp_path):
         result = CliRunner().invoke(main, ["moe", str(path), str(tmp_path / "never")])
         assert result.exit_code == 1 and message in result.output, result.output
         assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_packed_layout_holds_the_same_experts(families, tmp_path, kind):
+    """--expert-layout packed: transformers 5's fused tensors, each expert's projections in
+    place (noise and scale as in the per-expert layout), chunked within a small budget
+    across expert boundaries; the model loads and gives the per-expert model's logits."""
+    import transformers
+
+    fam = families[kind]
+    experts = [dict(e) for e in EXPERTS]
+    experts[0]["noise_scale"] = 0.01
+    experts[1]["residual_scale"] = 0.5
+    text = _recipe(fam, "router_input", shared=kind == "qwen2", experts=experts)
+    per_expert, packed = str(tmp_path / "per"), str(tmp_path / "packed")
+    _run_moe(tmp_path, text, per_expert, "-q")
+    _run_moe(tmp_path, text, packed, "-q", "--expert-layout", "packed", "--chunk-size", "20K")
+    n = 2 if kind == "qwen2" else 3
+    name = "block_sparse_moe.experts.{e}.{p}.weight" if kind == "llama" else "mlp.experts.{e}.{p}.weight"
+    names = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"} if kind == "llama" else \
+        {p: p for p in ("gate_proj", "up_proj", "down_proj")}
+    for layer in range(4):
+        gate_up = _tensor(packed, f"model.layers.{layer}.mlp.experts.gate_up_proj")
+        down = _tensor(packed, f"model.layers.{layer}.mlp.experts.down_proj")
+        assert gate_up.shape == (n, 2 * 192, 128) and down.shape == (n, 128, 192)
+        for e in range(n):
+            def one(p):
+                return _tensor(per_expert, f"model.layers.{layer}." + name.format(e=e, p=names[p]))
+
+            assert torch.equal(gate_up[e], torch.cat([one("gate_proj"), one("up_proj")]))
+            assert torch.equal(down[e], one("down_proj"))
+        router = "block_sparse_moe.gate.weight" if kind == "llama" else "mlp.gate.weight"
+        assert torch.equal(_tensor(packed, f"model.layers.{layer}.mlp.gate.weight"),
+                           _tensor(per_expert, f"model.layers.{layer}.{router}"))
+    a = transformers.AutoModelForCausalLM.from_pretrained(per_expert, dtype=torch.float32)
+    b = transformers.AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32)
+    ids = torch.tensor([[1, 340, 341, 360]])
+    torch.testing.assert_close(a(ids).logits, b(ids).logits)

@@ -40,9 +40,6 @@ class MoEPlanner:
         self.check_experts()
         self.family = families.choose_family(recipe.architecture, self.model_type, len(self.shared))
         self.packed = recipe.expert_layout == "packed"
-        if self.packed:
-            raise RecipeError("expert_layout: packed is not supported yet; use per_expert (the Hub's layout, "
-                              "which transformers 5 converts when it loads the model)")
         self.dtype = self.output_dtype()
         self.tensors: list[TensorPlan] = []
 
@@ -93,6 +90,11 @@ class MoEPlanner:
              noise: float | None = None) -> None:
         """An output tensor that is a parent tensor (cast to the output dtype; noised or
         scaled for an expert that asks)."""
+        self.tensors.append(self.copy_plan(out_name, model, in_name, scale=scale, noise=noise))
+
+    def copy_plan(self, out_name: str, model, in_name: str, *, scale: float | None = None,
+                  noise: float | None = None) -> TensorPlan:
+        """The plan of :meth:`copy`'s tensor, not yet added."""
         src = source_tensors([(model, in_name)])
         if noise:
             m, mp = get_method("moe_expert"), [{"noise_scale": noise, "scale": scale}]
@@ -105,9 +107,28 @@ class MoEPlanner:
         shape = tuple(src[0].entry.shape)
         per_row, rows = task_memory(shape, dtype, src, m, copy=byte_copy, row_mapped=False,
                                     compute_itemsize=self.ctx.compute_itemsize, chunk_bytes=self.ctx.chunk_bytes)
-        self.tensors.append(TensorPlan(name=out_name, shape=shape, dtype=dtype, method=m.name, sources=src,
-                                       base_index=None, params={}, model_params=mp, rows_per_chunk=rows,
-                                       copy_bytes=byte_copy, task_bytes=per_row * rows))
+        return TensorPlan(name=out_name, shape=shape, dtype=dtype, method=m.name, sources=src, base_index=None,
+                          params={}, model_params=mp, rows_per_chunk=rows, copy_bytes=byte_copy,
+                          task_bytes=per_row * rows)
+
+    def stacked(self, out_name: str, parts: list[TensorPlan], shape: tuple[int, ...]) -> None:
+        """A stacked ``[experts, out, in]`` tensor made of ``parts`` (each expert's
+        projection, in row order), chunked by rows of its flattened leading dimensions
+        so that a task stays within the budget however large one expert is."""
+        pieces, row = [], 0
+        for p in parts:
+            pieces.append((row, p))
+            row += p.rows
+        flat = (row,) + tuple(shape[2:])
+        per_row = max(p.task_bytes // max(1, p.rows_per_chunk) for p in parts)
+        rows = flat[0] if len(flat) < 2 else max(1, min(flat[0], self.ctx.chunk_bytes // max(1, per_row)))
+        methods = {p.method for p in parts}
+        self.tensors.append(TensorPlan(
+            name=out_name, shape=shape, dtype=parts[0].dtype,
+            method="moe_expert" if "moe_expert" in methods else "passthrough",
+            sources=[s for p in parts for s in p.sources], base_index=None, params={}, model_params=[],
+            rows_per_chunk=rows, copy_bytes=all(p.copy_bytes for p in parts), task_bytes=per_row * rows,
+            row_ndim=2, pieces=tuple(pieces)))
 
     def computed(self, out_name: str, rows: int, part: str) -> None:
         """A router: ``rows`` x hidden values computed by the plan's router pass."""
@@ -121,8 +142,10 @@ class MoEPlanner:
         """Layer ``layer``'s MoE block: router, experts, shared expert and its gate."""
         fam = self.family
         prefix = f"{self.base_layout.layer_prefix}.{layer}.{MLP_PREFIX}"
-        self.computed(fam.router_tensor(layer), len(self.experts), f"router:{layer}")
-        for e, (spec, model) in enumerate(zip(self.recipe.experts, self.experts)):
+        self.computed(fam.router_tensor(layer, self.packed), len(self.experts), f"router:{layer}")
+        if self.packed:
+            self.plan_packed_experts(layer, prefix)
+        for e, (spec, model) in enumerate(zip(self.recipe.experts, self.experts) if not self.packed else []):
             for proj in families.PROJECTIONS:
                 scale = spec.residual_scale if proj == "down_proj" else None
                 self.copy(fam.expert_tensor(layer, e, proj), model, f"{prefix}{proj}.weight", scale=scale,
@@ -133,6 +156,23 @@ class MoEPlanner:
                 self.copy(fam.shared_tensor(layer, proj), model, f"{prefix}{proj}.weight", scale=scale,
                           noise=spec.noise_scale)
             self.computed(fam.shared_gate_tensor(layer), 1, f"shared:{layer}")
+
+    def plan_packed_experts(self, layer: int, prefix: str) -> None:
+        """transformers 5's fused expert tensors: ``gate_up_proj`` [E, 2I, H] (each
+        expert's gate rows, then its up rows) and ``down_proj`` [E, H, I]. Each part is
+        planned as the per-expert tensor it would be (same noise and scale, so both
+        layouts hold the same values)."""
+        fam = self.family
+        gate_up, down = [], []
+        for e, (spec, model) in enumerate(zip(self.recipe.experts, self.experts)):
+            for proj, into in (("gate_proj", gate_up), ("up_proj", gate_up), ("down_proj", down)):
+                scale = spec.residual_scale if proj == "down_proj" else None
+                into.append(self.copy_plan(fam.expert_tensor(layer, e, proj), model, f"{prefix}{proj}.weight",
+                                           scale=scale, noise=spec.noise_scale))
+        n = len(self.experts)
+        g = gate_up[0].shape
+        self.stacked(fam.packed_tensor(layer, "gate_up_proj"), gate_up, (n, 2 * g[0], g[1]))
+        self.stacked(fam.packed_tensor(layer, "down_proj"), down, (n,) + tuple(down[0].shape))
 
     def plan_all(self) -> list[TensorPlan]:
         lay = self.base_layout
