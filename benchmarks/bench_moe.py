@@ -43,6 +43,8 @@ experts:
 
 HIDDEN_PASS = """
 import sys
+import torch
+torch.set_num_threads(1)  # as a task of dmerge's local cluster (2 task threads x 1 torch thread)
 from dmerge.moe.hidden import embed_prompts, run_layer
 from dmerge.moe.plan import build_moe_plan
 from dmerge.moe.recipe import load_moe_recipe
