@@ -117,8 +117,11 @@ def build_graph(plan, shard_paths: list[str], run_id: str,
     computations = getattr(plan, "computations", [])
     part_keys: dict[int, dict] = {}
     reports: list[tuple] = []
+    # a computation runs when a tensor of it is left to write, or when it reports (a
+    # resumed MoE's routing report is written again, whatever was done before)
     needed = {tp.computed.computation for ti, tp in enumerate(plan.tensors)
-              if tp.computed is not None and (ti, 0) not in done}
+              if tp.computed is not None and any((ti, c) not in done for c in range(tp.n_chunks))}
+    needed |= {ci for ci, c in enumerate(computations) if getattr(c, "report_file", None)}
     for ci in sorted(needed):
         comp_dsk, parts, report = computations[ci].tasks(f"{names['computed']}-{ci}", plan.device)
         dsk.update(comp_dsk)

@@ -398,3 +398,36 @@ def test_packed_layout_holds_the_same_experts(families, tmp_path, kind):
     b = transformers.AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32)
     ids = torch.tensor([[1, 340, 341, 360]])
     torch.testing.assert_close(a(ids).logits, b(ids).logits)
+
+
+def test_resumed_moe_writes_its_report_and_bytes(families, tmp_path, monkeypatch):
+    """A MoE interrupted (Ctrl-C) once most units are written resumes to the same bytes,
+    and writes its routing report again."""
+    from dmerge.io import journal
+
+    fam = families["llama"]
+    text = _recipe(fam, "hidden")
+    whole = str(tmp_path / "whole")
+    _run_moe(tmp_path, text, whole, "-q")
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    out = str(tmp_path / "out")
+    record, count = journal.Journal.record, [0]
+
+    def interrupting(self, unit):
+        record(self, unit)
+        count[0] += 1
+        if count[0] == 60:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(journal.Journal, "record", interrupting)
+        result = CliRunner().invoke(main, ["moe", str(path), out, "-q"])
+    assert result.exit_code == 130, result.output
+    assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    result = CliRunner().invoke(main, ["moe", str(path), out, "-q", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == \
+        open(os.path.join(whole, "model.safetensors"), "rb").read()
+    assert json.load(open(os.path.join(out, "routing_report.json"))) == \
+        json.load(open(os.path.join(whole, "routing_report.json")))

@@ -42,21 +42,26 @@ class MoEFamily:
     proj_names: dict  # dense projection -> its name in an expert
 
     def expert_tensor(self, layer: int, e: int, proj: str) -> str:
+        """Name of expert ``e``'s dense projection ``proj`` (gate_proj, up_proj, down_proj) in ``layer``."""
         return f"model.layers.{layer}." + self.expert.format(e=e, proj=self.proj_names[proj])
 
     def router_tensor(self, layer: int, packed: bool = False) -> str:
+        """Name of the router of ``layer`` (transformers 5's own with the packed layout)."""
         return f"model.layers.{layer}." + ("mlp.gate.weight" if packed else self.router)
 
     @staticmethod
     def packed_tensor(layer: int, which: str) -> str:
+        """Name of a fused expert tensor (gate_up_proj, down_proj) of ``layer``."""
         return f"model.layers.{layer}.mlp.experts.{which}"
 
     @staticmethod
     def shared_tensor(layer: int, proj: str) -> str:
+        """Name of the shared expert's projection ``proj`` in ``layer``."""
         return f"model.layers.{layer}.mlp.shared_expert.{proj}.weight"
 
     @staticmethod
     def shared_gate_tensor(layer: int) -> str:
+        """Name of the shared expert's sigmoid gate of ``layer``."""
         return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
 
 

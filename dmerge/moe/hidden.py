@@ -57,9 +57,11 @@ class Prompts:
     evals: tuple[tuple[int, ...], ...]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask), ``[prompts, tokens]`` each."""
         return torch.tensor(self.input_ids, dtype=torch.long), torch.tensor(self.attention_mask, dtype=torch.long)
 
     def group_lists(self) -> list[tuple[list[int], list[int]]]:
+        """``groups`` as lists (what the gate functions index with)."""
         return [(list(p), list(n)) for p, n in self.groups]
 
 
@@ -84,6 +86,7 @@ class RouterPass:
 
     @property
     def n_layers(self) -> int:
+        """Decoder layers of the base."""
         return len(self.layers)
 
     @property
@@ -125,10 +128,12 @@ class RouterPass:
         return block + small * 4 + acts
 
     def describe(self) -> str:
+        """One line for `dmerge plan`."""
         return (f"routers ({self.mode}) from {len(self.prompts.input_ids)} prompts, layer by layer over "
                 f"{self.n_layers} layers: {self.n_tasks} tasks")
 
     def fingerprint(self) -> str:
+        """A hash of everything that decides the routers (part of the plan's fingerprint)."""
         h = hashlib.sha256()
         h.update(repr((self.model_type, sorted(self.config.items(), key=lambda kv: kv[0]), self.mode, self.seed,
                        self.n_routed, self.n_shared, self.prompts, self.embedding,
@@ -258,6 +263,7 @@ class StreamedLinear(torch.nn.Module):
         self.bytes_read = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b``, reading ``W`` block by block."""
         entry = self.loc.entry
         out_rows = entry.shape[0]
         out = torch.empty(*x.shape[:-1], out_rows, dtype=x.dtype, device=x.device)

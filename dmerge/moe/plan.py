@@ -175,6 +175,7 @@ class MoEPlanner:
         self.stacked(fam.packed_tensor(layer, "down_proj"), down, (n,) + tuple(down[0].shape))
 
     def plan_all(self) -> list[TensorPlan]:
+        """Every output tensor, in the base's order (see the module docstring)."""
         lay = self.base_layout
         for name in lay.pre:
             self.copy(name, self.base, name)
@@ -194,6 +195,7 @@ class MoEPlanner:
     # -- the router pass -----------------------------------------------------------------
 
     def router_pass(self, seed: int, trust_remote_code: bool) -> RouterPass:
+        """The computation of the routers: the base's embedding and layers by location, the prompts tokenized."""
         lay = self.base_layout
         layers = []
         for layer in range(lay.num_layers):
@@ -266,6 +268,9 @@ def build_moe_plan(recipe: MoERecipe, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     if planner.family is families.MIXTRAL and qkv_bias:
         raise InputModelError("the base has attention biases, which Mixtral has not; use architecture: qwen")
     n_experts = len(planner.experts)
+    if len({e.source_model for e in recipe.experts}) == 1 and n_experts > 1:
+        warnings.warn(RecipeWarning("every expert is the same model: the MoE computes what that model computes, "
+                                    "with more memory (useful only as a start for further training)"), stacklevel=2)
     if n_experts & (n_experts - 1):
         warnings.warn(RecipeWarning(f"the MoE has {n_experts} experts, not a power of two: llama.cpp will not "
                                     "run it"), stacklevel=2)
