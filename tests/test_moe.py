@@ -431,3 +431,19 @@ def test_resumed_moe_writes_its_report_and_bytes(families, tmp_path, monkeypatch
         open(os.path.join(whole, "model.safetensors"), "rb").read()
     assert json.load(open(os.path.join(out, "routing_report.json"))) == \
         json.load(open(os.path.join(whole, "routing_report.json")))
+
+
+def test_experts_behind_urls(families, tmp_path):
+    """Base and experts behind fsspec URLs: read by byte range (never a whole file), the
+    same bytes as from local folders."""
+    from test_storage_cluster import CountingMemoryFS, _upload
+
+    fam = families["llama"]
+    urls = {k: _upload(v, f"/moe-bucket/{k}") for k, v in fam.items()}
+    local, remote = str(tmp_path / "local"), str(tmp_path / "remote")
+    _run_moe(tmp_path, _recipe(fam, "hidden"), local, "-q")
+    CountingMemoryFS.whole_file_reads.clear()
+    _run_moe(tmp_path, _recipe(urls, "hidden"), remote, "-q")
+    assert CountingMemoryFS.whole_file_reads == []
+    assert open(os.path.join(local, "model.safetensors"), "rb").read() == \
+        open(os.path.join(remote, "model.safetensors"), "rb").read()
