@@ -118,8 +118,7 @@ def _raw(folder: str, name: str) -> bytes:
     if os.path.exists(index):
         file = json.load(open(index))["weight_map"][name]
     with safe_open(os.path.join(folder, file), "pt") as f:
-        return f.get_tensor(name).view(torch.uint8).numpy().tobytes() if f.get_tensor(name).dtype != torch.uint8 \
-            else f.get_tensor(name).numpy().tobytes()
+        return f.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _tensor(folder: str, name: str) -> torch.Tensor:
@@ -206,7 +205,6 @@ def test_layer_by_layer_pass_equals_full_forward(families, kind):
     with every weight read in blocks of MATMUL_ROWS rows (the smallest budget)."""
     import transformers
 
-    from dmerge.moe.hidden import embed_prompts, run_layer
     from dmerge.moe.plan import build_moe_plan
     from dmerge.moe.recipe import load_moe_recipe
 
@@ -323,8 +321,6 @@ def test_nearly_parallel_rows_warn(families, tmp_path):
 
 
 def test_refuses_mismatched_experts(families, tmp_path):
-    import transformers
-
     fam = families["llama"]
     cfg = _config("llama")
     cfg.intermediate_size = 80
@@ -342,7 +338,6 @@ def test_refuses_mismatched_experts(families, tmp_path):
     result = CliRunner().invoke(main, ["moe", str(path), str(out)])
     assert result.exit_code == 1 and "is a qwen2 model, the base is llama" in result.output
     assert not out.exists()
-    del transformers
 
 
 def test_recipe_errors_before_any_work(families, tmp_path):
