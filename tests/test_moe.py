@@ -442,3 +442,34 @@ def test_experts_behind_urls(families, tmp_path):
     assert CountingMemoryFS.whole_file_reads == []
     assert open(os.path.join(local, "model.safetensors"), "rb").read() == \
         open(os.path.join(remote, "model.safetensors"), "rb").read()
+
+
+def test_layer_products_split_into_block_tasks(families, tmp_path, monkeypatch):
+    """With weights of several blocks, a layer task hands its blocks to the cluster as
+    tasks of their own; the routers' bytes are the same as with whole weights."""
+    import dmerge.moe.hidden as hidden
+
+    fam = families["qwen2"]
+    text = _recipe(fam, "router_input", shared=True)
+    whole = str(tmp_path / "whole")
+    _run_moe(tmp_path, text, whole, "-q")
+    log = str(tmp_path / "blocks.log")
+    real = hidden.block_task
+
+    def counting(*args, **kwargs):
+        # Dask serializes the function (a closure: by value), so count in a file
+        with open(log, "a") as f:
+            f.write(f"{args[1]} {args[2]}\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hidden, "MATMUL_ROWS", 32)  # blocks of 32 rows in these tiny layers
+    monkeypatch.setattr(hidden, "block_task", counting)
+    split = str(tmp_path / "split")
+    _run_moe(tmp_path, text, split, "-q", "--chunk-size", "1K", "--workers", "2", "--threads-per-worker", "1")
+    seen = open(log).read().splitlines()
+    assert len(seen) > 4 * 7  # every linear layer of every decoder layer, in several blocks
+    for layer in range(4):
+        for name in ("mlp.gate.weight", "mlp.shared_expert_gate.weight"):
+            a = _tensor(whole, f"model.layers.{layer}.{name}").float()
+            b = _tensor(split, f"model.layers.{layer}.{name}").float()
+            assert bool((torch.nn.functional.cosine_similarity(a, b, dim=-1) > 0.9999).all())

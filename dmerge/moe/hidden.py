@@ -246,38 +246,76 @@ def attention_mask_4d(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 MATMUL_ROWS = 256
 
 
+def block_product(loc: Location, r0: int, r1: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x @ W[r0:r1].T`` with rows ``[r0, r1)`` of the weight read by byte range and
+    widened to ``x``'s dtype, in fixed MATMUL_ROWS-row products (so the result does not
+    depend on how many rows one read brings); returns it and the bytes read."""
+    entry = loc.entry
+    buf, n = read_rows(loc.file, entry, r0, r1)
+    w = widen(buf.view(DTYPES[entry.dtype]).reshape(r1 - r0, *entry.shape[1:]).to(x.device), x.dtype)
+    out = torch.empty(*x.shape[:-1], r1 - r0, dtype=x.dtype, device=x.device)
+    for s0 in range(0, r1 - r0, MATMUL_ROWS):
+        s1 = min(r1 - r0, s0 + MATMUL_ROWS)
+        out[..., s0:s1] = x @ w[s0:s1].T
+    return out, n
+
+
+@_inference
+def block_task(loc: Location, r0: int, r1: int, x: torch.Tensor, device: str = "cpu") -> tuple[torch.Tensor, int]:
+    """:func:`block_product` as a task of its own (on any worker; the result comes back on the CPU)."""
+    out, n = block_product(loc, r0, r1, x.to(compute_device(device)))
+    return out.cpu(), n
+
+
+def _worker_client():
+    """A client to submit tasks from inside a task (None outside a Dask worker)."""
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):
+        return None
+    return worker_client()
+
+
 class StreamedLinear(torch.nn.Module):
     """A linear layer whose weight stays where it is stored: each call reads it by
     byte range in blocks of ``rows_per_block`` output rows (contiguous in the file),
     widens a block to float32, multiplies, and drops it. A task then holds one block,
     not the layer: a 405B decoder layer (6.4 GB in bf16) runs within a worker's chunk
-    budget. The product is the same as the whole matrix's, up to float32 summation
-    order within a row (each output column is one block's dot products).
+    budget. A weight of several blocks, in a task on a Dask worker, has its blocks
+    computed as tasks of their own (``block_task``, each within the budget, on any
+    worker, in parallel); the layer task waits for them outside the worker's thread
+    pool. Either way each output column is the same float32 dot products.
     """
 
-    def __init__(self, weight: Location, bias: torch.Tensor | None, rows_per_block: int):
+    def __init__(self, weight: Location, bias: torch.Tensor | None, rows_per_block: int, device: str = "cpu"):
         super().__init__()
         self.loc = weight
         self.bias = bias
         self.rows_per_block = max(1, rows_per_block)
+        self.device = device
         self.bytes_read = 0
+        self.block_tasks = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b``, reading ``W`` block by block."""
-        entry = self.loc.entry
-        out_rows = entry.shape[0]
-        out = torch.empty(*x.shape[:-1], out_rows, dtype=x.dtype, device=x.device)
-        for r0 in range(0, out_rows, self.rows_per_block):
-            r1 = min(out_rows, r0 + self.rows_per_block)
-            buf, n = read_rows(self.loc.file, entry, r0, r1)
-            self.bytes_read += n
-            w = widen(buf.view(DTYPES[entry.dtype]).reshape(r1 - r0, *entry.shape[1:]).to(x.device), x.dtype)
-            # fixed-size products: the arithmetic (and the routers' bytes) do not depend on
-            # how many rows a read brings
-            for s0 in range(0, r1 - r0, MATMUL_ROWS):
-                s1 = min(r1 - r0, s0 + MATMUL_ROWS)
-                out[..., r0 + s0:r0 + s1] = x @ w[s0:s1].T
-            del w, buf
+        out_rows = self.loc.entry.shape[0]
+        blocks = [(r0, min(out_rows, r0 + self.rows_per_block)) for r0 in range(0, out_rows, self.rows_per_block)]
+        client = _worker_client() if len(blocks) > 1 else None
+        if client is not None:
+            with client as c:
+                xc = x.cpu()  # the activations travel with each block task (small next to a block)
+                futures = [c.submit(block_task, self.loc, r0, r1, xc, self.device, pure=False) for r0, r1 in blocks]
+                parts = c.gather(futures)
+            self.block_tasks += len(blocks)
+            out = torch.cat([p.to(x.device) for p, _ in parts], dim=-1)
+            self.bytes_read += sum(n for _, n in parts)
+        else:
+            out = torch.empty(*x.shape[:-1], out_rows, dtype=x.dtype, device=x.device)
+            for r0, r1 in blocks:
+                out[..., r0:r1], n = block_product(self.loc, r0, r1, x)
+                self.bytes_read += n
         if self.bias is not None:
             out += self.bias
         return out
@@ -309,7 +347,7 @@ def build_layer(rp: RouterPass, index: int, device: str):
                 bias, n = _read_tensor(locs[f"{name}.bias"], device)
                 nread += n
             linears[name] = StreamedLinear(locs[f"{name}.weight"], bias,
-                                           rows_per_block(locs[f"{name}.weight"], rp.chunk_bytes))
+                                           rows_per_block(locs[f"{name}.weight"], rp.chunk_bytes), device)
             parent, _, attr = name.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, attr, linears[name])
     state = {}
