@@ -473,3 +473,33 @@ def test_layer_products_split_into_block_tasks(families, tmp_path, monkeypatch):
             a = _tensor(whole, f"model.layers.{layer}.{name}").float()
             b = _tensor(split, f"model.layers.{layer}.{name}").float()
             assert bool((torch.nn.functional.cosine_similarity(a, b, dim=-1) > 0.9999).all())
+
+
+def test_plan_for_a_405b_moe_stays_within_the_budget(tmp_path):
+    """A 2-expert MoE of Llama-3.1-405B-shaped models (sparse files, headers only): every
+    task, the router pass's included, plans within the chunk budget (plus the prompts'
+    activations), the packed [experts, 2I, H] tensors too (one expert's is 3.5 GB)."""
+    from dmerge.moe.plan import build_moe_plan
+    from dmerge.moe.recipe import load_moe_recipe
+    from dmerge.toymodels import LLAMA_405B, write_sparse_model, write_wordlevel_tokenizer
+
+    parents = [write_sparse_model(str(tmp_path / f"p{i}"), LLAMA_405B) for i in range(3)]
+    write_wordlevel_tokenizer(parents[0], [f"w{i}" for i in range(100)])
+    text = f"""
+base_model: {parents[0]}
+expert_layout: packed
+experts:
+  - source_model: {parents[1]}
+    positive_prompts: ["w1 w2 w3"]
+  - source_model: {parents[2]}
+    positive_prompts: ["w4 w5 w6"]
+"""
+    budget = 128 << 20
+    plan = build_moe_plan(load_moe_recipe(text, is_text=True), chunk_bytes=budget)
+    rp = plan.computations[0]
+    assert rp.n_layers == 126 and max(rp.layer_bytes) > 6e9  # one layer is 6.4 GB
+    packed = [t for t in plan.tensors if t.pieces is not None]
+    assert len(packed) == 2 * 126 and packed[0].shape == (2, 2 * 53248, 16384)
+    assert max(t.task_bytes for t in plan.tensors) <= budget
+    assert rp.peak_task_bytes <= budget + 64 * rp.activation_bytes
+    assert plan.peak_task_bytes <= 1.1 * budget
