@@ -370,13 +370,14 @@ def _leave_now() -> None:
     os._exit(0)
 
 
-def _run_with_mergekit_flags(recipe_path: str, out_dir: str, params: dict) -> None:
-    """Translate mergekit-yaml's flags, print their notes, and run the merge."""
+def _run_with_mergekit_flags(recipe_path: str, out_dir: str, params: dict, moe: bool = False) -> None:
+    """Translate mergekit-yaml's flags, print their notes, and run the merge (``moe``:
+    the recipe is a FrankenMoE recipe in mergekit-moe's format)."""
     options, notes = translate_mergekit_flags(params)
     for note in notes:
         click.echo(note, err=True)
     _set_verbosity(options.pop("verbosity", 0))
-    _do_run(recipe_path, out_dir, **options)
+    _do_run(recipe_path, out_dir, moe=moe, **options)
     _leave_now()
 
 
@@ -387,7 +388,7 @@ def _import_task_modules() -> None:
         pass
 
 
-def _do_run(recipe_path: str, out_dir: str, **o) -> None:
+def _do_run(recipe_path: str, out_dir: str, moe: bool = False, expert_layout: str | None = None, **o) -> None:
     # Importing torch takes most of a merge's start-up (0.7 s on a quiet 2-core machine,
     # 2-3 s on a busy one); the recipe, the plan and the output folder need none of it,
     # so it is imported meanwhile.
@@ -401,7 +402,12 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
     with warnings.catch_warnings():
         if o["quiet"]:
             warnings.simplefilter("ignore")
-        recipe = load_recipe(recipe_path, allow_crimes=o["allow_crimes"])
+        if moe:
+            from dmerge.moe.recipe import load_moe_recipe
+
+            recipe = load_moe_recipe(recipe_path, allow_crimes=o["allow_crimes"], expert_layout=expert_layout)
+        else:
+            recipe = load_recipe(recipe_path, allow_crimes=o["allow_crimes"])
     gate = None
     if o.get("eval_gate"):  # read before the merge: a bad gate fails before any heavy work
         from dmerge.gate import load_gate
@@ -454,6 +460,15 @@ def _do_run(recipe_path: str, out_dir: str, **o) -> None:
                       resume_command=_resume_command(), output_format=o["output_format"])
     if not o["quiet"]:
         click.echo(describe_result(result))  # stdout, for scripts; progress and logs stay on stderr
+    if getattr(result, "reports", None):  # (a MoE's routing report)
+        from dmerge.moe.report import describe_report, parallel_rows_warning
+
+        for report in result.reports:
+            warning = parallel_rows_warning(report)
+            if warning:
+                click.echo(f"warning: {warning}", err=True)
+            if not o["quiet"]:
+                click.echo(describe_report(report))
     if gate is not None:
         _apply_gate(gate, plan, result.out_dir, o["scheduler"], o["quiet"])
     if o["push_to_hub"]:
@@ -591,6 +606,26 @@ def mergekit_yaml(config_file: str, out_path: str, **options) -> None:
     one-line note saying why.
     """
     _run_with_mergekit_flags(config_file, out_path, options)
+
+
+@main.command("moe", epilog=SIZE_HELP)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--expert-layout", type=click.Choice(["per_expert", "packed"]), default=None,
+              help="Expert tensors as the Hub's checkpoints name them (per_expert, default) or transformers 5's "
+                   "fused tensors (packed); overrides the recipe's expert_layout.")
+@_merge_options
+@_friendly_errors
+def moe_cmd(recipe: str, out_dir: str, expert_layout: str | None, **options) -> None:
+    """Assemble a FrankenMoE from RECIPE (mergekit-moe's YAML) into OUT_DIR.
+
+    Attention, norms and embeddings come from base_model, each expert's MLP from its
+    source_model; the routers are computed from the prompts, one decoder layer at a
+    time (gate_mode hidden, cheap_embed, random, uniform_random, router_input). A
+    routing report is printed and written to OUT_DIR/routing_report.json.
+    """
+    options["expert_layout"] = expert_layout
+    _run_with_mergekit_flags(recipe, out_dir, options, moe=True)
 
 
 @main.command("plan", epilog=SIZE_HELP)

@@ -58,6 +58,7 @@ class RunResult:
     units_resumed: int | None = None  # of them, done by an earlier run and verified (resumed runs only)
     peak_memory: dict = None  # worker address -> peak resident bytes of its process
     reruns: int = 0  # tasks run again: after a worker died holding them, or retried (--retries)
+    reports: list = None  # what the plan's computations report (a MoE's routing report)
 
 
 @contextlib.contextmanager
@@ -308,6 +309,9 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         raise DMergeError("--resume is not available with --output-format zarr: a zarr merge that stops "
                           "removes what it wrote; run it again")
     to_objects = not to_zarr and storage.is_url(out_dir) and is_object_store(out_dir)
+    if (to_zarr or to_objects) and plan.computations:
+        raise DMergeError("a FrankenMoE (computed routers) is written to a local or shared folder; write it there "
+                          "and copy it, or export it (S3 and zarr output of computed tensors are not supported yet)")
     if to_zarr:
         from dmerge.io.zarr_store import ZarrOutput, align_plan
 
@@ -359,7 +363,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         header_bytes = sum(len(s.header) for s in plan.shards)
         # the bar counts output bytes, what the tasks report (local shard headers are
         # written up front; an upload part carries its shard's header)
-        finished = _Finished(plan, journal, lambda: tqdm(
+        finished = _Finished(plan, journal, _report_keys(keys), lambda: tqdm(
             total=sum(t.nbytes for t in plan.tensors) + (header_bytes if to_objects else 0), initial=done_bytes,
             unit="B", unit_scale=True, desc="merging", disable=quiet, file=sys.stderr, smoothing=0.1))
         try:
@@ -374,7 +378,9 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             output.commit_shards(plan.shards, parts)
         elif not to_zarr:
             output.commit_shards(plan.shards)
-        finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+        reports = [value for _, value in sorted(finished.reports, key=lambda kv: kv[0][0])]
+        finish_output(plan, output, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+                      reports=_report_files(plan, reports))
         if journal is not None:
             journal.close()
             remove_journal(output.folder)  # the index is written: the folder is complete
@@ -399,7 +405,20 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         bytes_written += header_bytes
     return RunResult(output.folder, time.perf_counter() - start, bytes_read, bytes_written, len(dsk),
                      units=units, units_resumed=units_done if resuming else None,
-                     peak_memory=peaks, reruns=reruns)
+                     peak_memory=peaks, reruns=reruns, reports=reports)
+
+
+def _report_files(plan: Plan, reports: list) -> dict:
+    """The files the computations' reports go to in the output folder (``report_file``)."""
+    with_report = [c for c in plan.computations if getattr(c, "report_file", None)]
+    return {c.report_file: r for c, r in zip(with_report, reports)}
+
+
+def _report_keys(keys: list) -> set:
+    """The graph's output keys that are computations' reports, not writes."""
+    from dmerge.graph import COMPUTATION_INDEX
+
+    return {k for k in keys if k[1] == COMPUTATION_INDEX}
 
 
 def _abort(output, error: BaseException) -> None:
@@ -416,8 +435,10 @@ class _Finished:
     unit, count its bytes, move the progress bar (shown by :meth:`start`, once the
     path has said where the merge runs)."""
 
-    def __init__(self, plan: Plan, journal: Journal | None, make_bar):
+    def __init__(self, plan: Plan, journal: Journal | None, report_keys: set, make_bar):
         self.plan, self.journal, self._make_bar = plan, journal, make_bar
+        self.report_keys = report_keys
+        self.reports: list = []  # (key, value) of the computations' reports
         self.bar = None
         self.bytes_read = self.bytes_written = 0
 
@@ -428,7 +449,10 @@ class _Finished:
         if self.bar is not None:
             self.bar.close()
 
-    def __call__(self, key: tuple, value: tuple[int, int, int]) -> None:
+    def __call__(self, key: tuple, value) -> None:
+        if key in self.report_keys:
+            self.reports.append((key, value))
+            return
         r, w, checksum = value
         if self.journal is not None:  # local folders; an upload's part list is its own journal
             self.journal.record(_unit(self.plan, key, w, checksum))
@@ -608,12 +632,16 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def finish_output(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool, write_model_card: bool) -> None:
-    """config.json, tokenizer, recipe, model card, and finally the index."""
+def finish_output(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool, write_model_card: bool,
+                  reports: dict | None = None) -> None:
+    """config.json, tokenizer, recipe, model card, reports (a MoE's routing report), and
+    finally the index."""
     from dmerge.recipe import INTERNAL_FIELDS
 
     recipe = plan.recipe
     output.write_json("config.json", plan.out_config)
+    for name, doc in (reports or {}).items():
+        output.write_json(name, doc)
     write_tokenizer(plan, output, copy_tokenizer=copy_tokenizer)
     text = recipe.source_text or yaml.safe_dump(recipe.model_dump(exclude_none=True, exclude=set(INTERNAL_FIELDS)))
     output.write_text("mergekit_config.yml", text)
@@ -665,6 +693,9 @@ def write_tokenizer(plan: Plan, output: LocalOutput, *, copy_tokenizer: bool) ->
 def _tokenizer_model(plan: Plan) -> str | None:
     """The model whose tokenizer files are copied: the base model, else the first one."""
     recipe = plan.recipe
+    own = getattr(recipe, "tokenizer_ref", None)  # a MoE recipe names the model whose tokenizer it uses
+    if own in plan.models:
+        return own
     if recipe.base_model in plan.models:
         return recipe.base_model
     return next(iter(plan.models), None)

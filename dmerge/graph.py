@@ -17,6 +17,12 @@ and a resumed run of the same plan has the same keys. With ``r`` the run id:
   ``b`` and the padding means they give; statistics and writes of tensor ``t`` depend
   on them.
 
+* ``("dmerge-computed-r", -1, ...)``: the tasks of the plan's computations (routers of
+  a MoE: a chain of tasks, one decoder layer each, see :mod:`dmerge.moe.hidden`); the
+  write of a computed tensor (``("dmerge-write-r", t, 0)``, via :func:`write_computed`)
+  depends on the key of its part. They all use tensor index -1, so :func:`waves` keeps
+  them in one wave with the computed tensors' writes.
+
 A resumed run passes the write units already done (``done``): a tensor whose every chunk
 is done is left out; one with any chunk left gets its statistic and padding tasks again
 (they are not kept between runs) and the writes of the chunks left.
@@ -36,6 +42,9 @@ from dmerge.methods.base import context_of
 
 if TYPE_CHECKING:
     from dmerge.tasks import ChunkJob
+
+# The tensor index of computation tasks in graph keys (see waves).
+COMPUTATION_INDEX = -1
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class TensorTasks:
 
 def tensor_tasks(tp) -> TensorTasks:
     """Which tasks a planned tensor becomes (see the module docstring)."""
+    if tp.computed is not None:  # its computation's tasks are counted once, by the plan
+        return TensorTasks(tp.n_chunks, (), (), ())
     rm = tp.row_map
     several = tp.n_chunks > 1 and not tp.copy_bytes
     pads = tuple(rm.pad_blocks()) if rm is not None and rm.has_padding and several else ()
@@ -73,7 +84,8 @@ def tensor_tasks(tp) -> TensorTasks:
 
 def count_tasks(plan) -> int:
     """The number of graph keys :func:`build_graph` makes for ``plan``."""
-    return sum(tensor_tasks(tp).count for tp in plan.tensors)
+    return (sum(tensor_tasks(tp).count for tp in plan.tensors)
+            + sum(c.n_tasks for c in getattr(plan, "computations", [])))
 
 
 def estimate_reads(plan) -> tuple[int, int]:
@@ -95,31 +107,58 @@ def estimate_reads(plan) -> tuple[int, int]:
         spilled = reading > 0 and tp.row_map is None  # vocabulary gathers do not spill
         certain += local * (passes + reading) + remote * (passes if spilled else passes + reading)
         at_most += tp.bytes_read * (passes + len(tasks.statistics_read))
+    for c in getattr(plan, "computations", []):
+        certain += c.bytes_read
+        at_most += c.bytes_read
     return certain, at_most
 
 
 def key_names(run_id: str) -> dict[str, str]:
     """The key name of each kind of task, for one run."""
-    return {kind: f"dmerge-{kind}-{run_id}" for kind in ("write", "part", "stat", "stats", "vpad", "vpads")}
+    return {kind: f"dmerge-{kind}-{run_id}"
+            for kind in ("write", "part", "stat", "stats", "vpad", "vpads", "computed")}
 
 
 def build_graph(plan, sinks, run_id: str,
                 done: set[tuple[int, int]] | frozenset = frozenset()) -> tuple[dict, list[tuple]]:
-    """Return the graph and its output keys (one per chunk write), leaving out the
-    writes of ``done``: (tensor index, chunk index) pairs a resumed run has already.
-    ``sinks``: where the bytes go (see :mod:`dmerge.io.sinks`): a list with one sink per
-    shard, or a function ``(tensor index, TensorPlan) -> sink`` for outputs that give
-    each tensor its own (a zarr array per tensor)."""
+    """Return the graph and its output keys (one per chunk write, then the report key of
+    each computation that has one), leaving out the writes of ``done``: (tensor index,
+    chunk index) pairs a resumed run has already. ``sinks``: where the bytes go (see
+    :mod:`dmerge.io.sinks`): a list with one sink per shard, or a function ``(tensor
+    index, TensorPlan) -> sink`` for outputs that give each tensor its own (a zarr array
+    per tensor)."""
     # the task functions import torch: only a run needs them, not planning
-    from dmerge.tasks import merge_chunk
+    from dmerge.tasks import ChunkJob, merge_chunk, write_computed
 
     sink_of = sinks if callable(sinks) else (lambda ti, tp: sinks[tp.shard])
     names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []
+    computations = getattr(plan, "computations", [])
+    part_keys: dict[int, dict] = {}
+    reports: list[tuple] = []
+    # a computation runs when a tensor of it is left to write, or when it reports (a
+    # resumed MoE's routing report is written again, whatever was done before)
+    needed = {tp.computed.computation for ti, tp in enumerate(plan.tensors)
+              if tp.computed is not None and any((ti, c) not in done for c in range(tp.n_chunks))}
+    needed |= {ci for ci, c in enumerate(computations) if getattr(c, "report_file", None)}
+    for ci in sorted(needed):
+        comp_dsk, parts, report = computations[ci].tasks(f"{names['computed']}-{ci}", plan.device)
+        dsk.update(comp_dsk)
+        part_keys[ci] = parts
+        if report is not None:
+            reports.append(report)
     for ti, tp in enumerate(plan.tensors):
         todo = [c for c in range(tp.n_chunks) if (ti, c) not in done]
         if not todo:
+            continue
+        if tp.computed is not None:
+            for c in todo:
+                r0, r1 = tp.chunk_rows(c)
+                job = ChunkJob(tp, r0, r1, sink=sink_of(ti, tp), allow_nan=plan.allow_nan)
+                key = (names["write"], ti, c)
+                dsk[key] = (write_computed, job, part_keys[tp.computed.computation][tp.computed.part])
+                outputs.append(key)
             continue
         jobs = _chunk_jobs(plan, tp, sink_of(ti, tp))
         stats_key, pad_key = _reductions(dsk, names, ti, tp, jobs)
@@ -128,7 +167,7 @@ def build_graph(plan, sinks, run_id: str,
             # the first write reports the bytes the tensor's reductions read
             dsk[key] = (merge_chunk, jobs[c], stats_key, pad_key, c == todo[0])
             outputs.append(key)
-    return dsk, outputs
+    return dsk, outputs + reports
 
 
 def build_part_graph(plan, parts: list, sinks: list, run_id: str,
@@ -249,16 +288,29 @@ def waves(dsk: dict, outputs: list[tuple], tasks_per_wave: int,
     several tensors, :func:`part_groups`) to one group, kept in one wave.
     A wave holds tensors of one ``kind_of(tensor index)`` (e.g. arithmetic or byte
     copies, which may go to different workers); returns (graph, outputs, kind) each."""
+    from dmerge.tasks import write_computed
+
     group_of = group_of or {}
+
+    def unit(key) -> int:
+        # computations and the computed tensors written from them travel together
+        if key[1] in computed:
+            return COMPUTATION_INDEX
+        return group_of.get(key[1], key[1])
+
+    computed = {key[1] for key in dsk if key[1] == COMPUTATION_INDEX}
+    if computed:
+        computed |= {key[1] for key, task in dsk.items()
+                     if isinstance(task, tuple) and task and task[0] is write_computed}
     by_tensor: dict[int, dict] = {}
     for key, task in dsk.items():
-        by_tensor.setdefault(group_of.get(key[1], key[1]), {})[key] = task
+        by_tensor.setdefault(unit(key), {})[key] = task
     outputs_of: dict[int, list] = {}
     for key in outputs:
-        outputs_of.setdefault(group_of.get(key[1], key[1]), []).append(key)
+        outputs_of.setdefault(unit(key), []).append(key)
     result: list[tuple[dict, list[tuple], object]] = []
     for ti in sorted(by_tensor):
-        kind = kind_of(ti)
+        kind = "compute" if ti == COMPUTATION_INDEX else kind_of(ti)
         if not result or len(result[-1][0]) >= tasks_per_wave or result[-1][2] != kind:
             result.append(({}, [], kind))
         result[-1][0].update(by_tensor[ti])

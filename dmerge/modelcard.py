@@ -41,6 +41,10 @@ def front_matter(plan) -> dict:
 
 def model_card(plan, name: str | None = None) -> str:
     """A model card naming the method, the parents and the exact recipe."""
+    if plan.method == "moe":
+        from dmerge.moe.card import moe_model_card
+
+        return moe_model_card(plan, name)
     recipe = plan.recipe
     method = get_method(plan.method)
     title = name or "Merged model"

@@ -59,9 +59,24 @@ class SourceTensor:
         return self.entry.name
 
 
+@dataclass(frozen=True)
+class ComputedSource:
+    """Where an output tensor without parent bytes comes from: result ``part`` of the
+    plan's computation ``computation`` (an index into :attr:`Plan.computations`). MoE
+    routers are such tensors: a chain of tasks computes them from prompts, one decoder
+    layer at a time, and they are then written like any other tensor."""
+
+    computation: int
+    part: str
+
+
 @dataclass
 class TensorPlan:
-    """One output tensor: inputs, method + resolved parameters, chunks, destination."""
+    """One output tensor: inputs, method + resolved parameters, chunks, destination.
+
+    Two kinds: tensors made from parent bytes (``sources``, copied or merged by
+    ``method``), and *computed* tensors (``computed`` set, no sources, method
+    ``"computed"``), whose values a computation of the plan produces."""
 
     name: str
     shape: tuple[int, ...]
@@ -79,10 +94,18 @@ class TensorPlan:
     # Vocabulary tensors re-indexed for a merged tokenizer: which source row feeds each
     # output row (see dmerge.vocab). None: output row r is row r of every source.
     row_map: RowMap | None = field(default=None, repr=False)
+    computed: ComputedSource | None = None
+    # Leading dimensions that count as rows for chunking: 2 for a stacked [experts, out,
+    # in] tensor, so a chunk is a range of its experts' rows and stays within the budget.
+    row_ndim: int = 1
+    # A tensor assembled from several parents' tensors (a MoE's packed experts): output
+    # rows [out_row, out_row + piece.rows) are ``piece`` (a TensorPlan of the part, as
+    # if it were its own tensor), in row order. Its chunks are written piece by piece.
+    pieces: tuple[tuple[int, "TensorPlan"], ...] | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
+        return math.prod(self.shape[:self.row_ndim]) if self.shape else 1
 
     @property
     def numel(self) -> int:
@@ -118,6 +141,10 @@ class TensorPlan:
     def describe(self) -> str:
         """One line for `dmerge plan --tensors`."""
         srcs = ", ".join(f"{s.model}:{s.name}" for s in self.sources)
+        if self.computed is not None:
+            srcs = f"computed {self.computed.part}"
+        if self.pieces is not None:
+            srcs = f"{len(self.pieces)} pieces: " + srcs
         how = "copy" if self.copy_bytes else self.method
         extra = f" [{self.row_map.describe()}]" if self.row_map is not None else ""
         return f"{self.name} {list(self.shape)} {self.dtype} {how} chunks={self.n_chunks} <- {srcs}{extra}"
@@ -164,6 +191,10 @@ class Plan:
     architecture: str = ""
     chat_template: str | None = field(default=None, repr=False)
     trust_remote_code: bool = False  # tokenizers loaded again when the output is written
+    # What computed tensors come from (see ComputedSource): objects with ``fingerprint()``,
+    # ``n_tasks``, ``bytes_read``, ``peak_task_bytes``, ``describe()`` and
+    # ``tasks(key_name, device) -> (graph, {part: key}, report key or None)``.
+    computations: list = field(default_factory=list, repr=False)
 
     @property
     def n_tasks(self) -> int:
@@ -201,6 +232,11 @@ class Plan:
             h.update(repr((t.name, t.shape, t.dtype, t.method, t.base_index, sorted(t.params.items()),
                            [sorted(p.items()) for p in t.model_params], t.rows_per_chunk, t.copy_bytes,
                            t.shard, t.offset, srcs)).encode())
+            if t.computed is not None:
+                h.update(repr(t.computed).encode())
+            if t.pieces is not None:
+                h.update(repr([(row, p.name, p.method, p.model_params, p.copy_bytes, p.rows_per_chunk)
+                               for row, p in t.pieces]).encode())
             if t.row_map is not None:
                 rm = t.row_map
                 for part in rm.own + [rm.copy_from]:
@@ -209,6 +245,8 @@ class Plan:
         for shard in self.shards:
             h.update(shard.name.encode())
             h.update(shard.header)
+        for c in self.computations:
+            h.update(c.fingerprint().encode())
         return h.hexdigest()[:16]
 
     @property
@@ -217,7 +255,7 @@ class Plan:
 
     @property
     def peak_task_bytes(self) -> int:
-        return max((t.task_bytes for t in self.tensors), default=0)
+        return max([t.task_bytes for t in self.tensors] + [c.peak_task_bytes for c in self.computations], default=0)
 
     def layer_summary(self) -> list[str]:
         """Output layer ranges and where they come from, one line per run."""
@@ -259,6 +297,7 @@ class Plan:
         lines += [f"  {line}" for line in self.layer_summary()]
         if self.tokenizer is not None:
             lines.append(f"tokenizer:         {self.tokenizer.describe()}")
+        lines += [f"computed:          {c.describe()}" for c in self.computations]
         lines += [
             f"output tensors:    {len(self.tensors)}",
             f"tasks:             {self.n_tasks} (chunk budget {format_bytes(self.chunk_bytes)}, compute {self.compute_dtype})",
@@ -356,6 +395,336 @@ def normalized_slices(recipe: Recipe, models: dict[str, ModelSource], layouts: d
     return [OutputSlice(sources=sources)]
 
 
+@dataclass
+class PlanContext:
+    """What every planner of one run shares: the recipe, its parents (metadata only),
+    their layouts, the output dtype, the tokenizer and the budgets."""
+
+    recipe: Recipe
+    models: dict[str, ModelSource]
+    layouts: dict[str, ModelLayout]
+    architecture: str
+    out_dtype: str | None  # safetensors code named by the recipe (out_dtype, else dtype), or None
+    chunk_bytes: int
+    compute_dtype: str
+    tokenizer: object | None = None  # dmerge.tokenizer.MergedTokenizer
+    chat_template: str | None = None
+    unsafe_truncate_embeddings: bool = False
+
+    @property
+    def compute_itemsize(self) -> int:
+        return COMPUTE_ITEMSIZE[self.compute_dtype]
+
+    def layout(self, ref: str) -> ModelLayout:
+        return _layout(self.models[ref], self.layouts)
+
+
+def open_context(recipe: Recipe, *, models: dict[str, ModelSource] | None, chunk_bytes: int, compute_dtype: str,
+                 allow_crimes: bool | None, unsafe_truncate_embeddings: bool = False,
+                 trust_remote_code: bool = False, with_tokenizer: bool = True) -> PlanContext:
+    """Step 1 of planning: open the parents, check their architectures agree, and build
+    the recipe's tokenizer and chat template (metadata and tokenizer files only)."""
+    from dmerge.tokenizer import build_tokenizer, resolve_chat_template
+
+    models = models if models is not None else open_models(recipe)
+    layouts: dict[str, ModelLayout] = {}
+    crimes = recipe.allow_crimes if allow_crimes is None else allow_crimes
+    architecture = check_architectures(models, layouts, crimes)
+    tokenizer = chat_template = None
+    if with_tokenizer:
+        tokenizer = build_tokenizer(recipe, models, layouts, trust_remote_code=trust_remote_code)
+        chat_template = resolve_chat_template(recipe.chat_template, models, trust_remote_code)
+    return PlanContext(recipe=recipe, models=models, layouts=layouts, architecture=architecture,
+                       out_dtype=_dtype_code(recipe.out_dtype) or _dtype_code(recipe.dtype), chunk_bytes=chunk_bytes,
+                       compute_dtype=compute_dtype, tokenizer=tokenizer, chat_template=chat_template,
+                       unsafe_truncate_embeddings=unsafe_truncate_embeddings)
+
+
+def source_tensors(sources: list[tuple[ModelSource, str]]) -> list[SourceTensor]:
+    """The byte locations of the parent tensors ``(model, tensor name)`` that feed one output tensor."""
+    out = []
+    for model, name in sources:
+        loc = model.tensor(name)
+        out.append(SourceTensor(model.reference, loc.file, loc.entry))
+    return out
+
+
+def task_memory(out_shape: tuple[int, ...], dtype: str, sources: list[SourceTensor], method: MergeMethod, *,
+                copy: bool, row_mapped: bool, compute_itemsize: int, chunk_bytes: int) -> tuple[int, int]:
+    """The memory model of one output tensor's tasks: (bytes one output row costs a task,
+    rows per chunk so that a task stays within ``chunk_bytes``).
+
+    A byte copy holds the output rows (twice when rows are gathered through a row map);
+    arithmetic holds every parent's rows in their stored dtype, their widened copies
+    (unless the method widens per cache-sized block), the method's temporaries and the
+    rounded result. Vectors are one task each.
+    """
+    numel_row = math.prod(out_shape[1:]) if len(out_shape) > 1 else 1
+    rows = out_shape[0] if out_shape else 1
+    out_item = itemsize(dtype)
+    if copy:
+        per_row = numel_row * out_item * (2 if row_mapped else 1)
+    else:
+        in_items = sum(itemsize(s.entry.dtype) for s in sources)
+        blocked = method.raw_inputs or (method.elementwise and not method.statistics)
+        converted = 0 if blocked else len(sources)  # blocked methods widen per cache-sized block
+        per_row = numel_row * (in_items + (converted + method.work_tensors) * compute_itemsize + out_item)
+    if len(out_shape) < 2:  # vectors are small: one task each
+        rows_per_chunk = rows
+    else:
+        rows_per_chunk = max(1, min(rows, chunk_bytes // max(1, per_row)))
+    return per_row, rows_per_chunk
+
+
+def is_byte_copy(method: MergeMethod, sources: list[SourceTensor], dtype: str, model_params: list[dict],
+                 row_map: RowMap | None = None) -> bool:
+    """Whether an output tensor is its parent's bytes as they are (no decoding, no arithmetic)."""
+    return (
+        method.copies_bytes
+        and all(s.entry.dtype == dtype for s in sources)
+        and all(mp.get("scale") is None for mp in model_params)
+        and (row_map is None or row_map.byte_copyable)
+    )
+
+
+class MergePlanner:
+    """Plans the output tensors of a merge recipe (``models:`` or ``slices:``): embeddings
+    from the first slice, each slice's layers in turn, final norm and head from the last.
+    Each output tensor goes through the same named steps (:meth:`plan_tensor`)."""
+
+    def __init__(self, ctx: PlanContext):
+        self.ctx = ctx
+        self.recipe = ctx.recipe
+        self.method = get_method(ctx.recipe.merge_method)
+        self.copy_method = get_method("passthrough")
+        self.tensors: list[TensorPlan] = []
+        self.origins: list[LayerOrigin] = []
+        self._seen: set[str] = set()
+        self.head_name: str | None = None
+        self.embed_name: str | None = None
+
+    # -- the steps of one output tensor -------------------------------------------------
+
+    def method_for(self, n_sources: int) -> MergeMethod:
+        """One source with a method that needs a base: a copy (see the module docstring)."""
+        return self.copy_method if (n_sources == 1 and self.method.requires_base) else self.method
+
+    def vocab_row_map(self, out_name: str, src: list[SourceTensor], base_ref: str | None) -> RowMap:
+        """The row map of a vocabulary tensor re-indexed for the recipe's tokenizer."""
+        tokenizer = self.ctx.tokenizer
+        first = src[0].entry
+        for s in src[1:]:
+            if s.entry.shape[1:] != first.shape[1:]:
+                raise InputModelError(
+                    f"tensor {out_name}: {src[0].model} has shape {list(first.shape)}, {s.model} has "
+                    f"{list(s.entry.shape)}; only the vocabulary dimension may differ"
+                )
+        return build_row_map(
+            tensor_name=out_name, vocab=tokenizer.vocab, rows=tokenizer.rows,
+            source_models=[s.model for s in src], permutations=tokenizer.permutations,
+            original_vocabs=tokenizer.original_vocabs, source_rows=[s.entry.rows for s in src],
+            base_model=base_ref, tokens=tokenizer.spec.tokens, row_numel=math.prod(first.shape[1:]),
+        )
+
+    def output_shape(self, out_name: str, src: list[SourceTensor], row_map: RowMap | None,
+                     vocab: bool) -> tuple[tuple[int, ...], bool]:
+        """The output tensor's shape, and whether vocabulary rows are truncated to the
+        rows every parent has (``--unsafe-truncate-embeddings``)."""
+        first = src[0].entry
+        out_shape = (self.ctx.tokenizer.rows,) + tuple(first.shape[1:]) if row_map is not None else first.shape
+        truncate = vocab and self.ctx.tokenizer is None and self.ctx.unsafe_truncate_embeddings and len(first.shape) >= 2
+        if truncate:
+            out_shape = (min(s.entry.rows for s in src),) + tuple(first.shape[1:])
+            if any(s.entry.rows != out_shape[0] for s in src):
+                sizes = ", ".join(f"{s.model} {s.entry.rows}" for s in src)
+                warnings.warn(f"--unsafe-truncate-embeddings: {out_name} keeps the first {out_shape[0]} rows of each "
+                              f"parent ({sizes}); token ids must mean the same in that prefix", stacklevel=3)
+        return tuple(out_shape), truncate
+
+    @staticmethod
+    def check_shapes(out_name: str, src: list[SourceTensor], truncate: bool, vocab: bool) -> None:
+        """Parents must agree on the shape (on all but the vocabulary dimension when truncating)."""
+        first = src[0].entry
+        for s in src[1:]:
+            if (s.entry.shape[1:] != first.shape[1:]) if truncate else (s.entry.shape != first.shape):
+                hint = " (different vocabularies: set tokenizer_source, e.g. union or base)" if vocab else ""
+                raise InputModelError(
+                    f"tensor {out_name}: shape mismatch: {src[0].model} has {list(first.shape)}, "
+                    f"{s.model} has {list(s.entry.shape)}{hint}"
+                )
+
+    @staticmethod
+    def check_dtypes(src: list[SourceTensor], m: MergeMethod) -> None:
+        for s in src:
+            if s.entry.dtype not in FLOAT_CODES and not m.copies_bytes:
+                raise InputModelError(
+                    f"tensor {s.name} of {s.model} has dtype {s.entry.dtype}; {m.name} needs floating-point tensors"
+                )
+
+    def base_index(self, out_name: str, sources: list[tuple[_Source, str]], m: MergeMethod,
+                   base_ref: str | None) -> int | None:
+        """Which source is the base model (for task-vector methods), checked present where needed."""
+        index = None
+        if base_ref is not None and m is self.method:
+            matches = [i for i, (src, _) in enumerate(sources) if src.spec.model == base_ref]
+            index = matches[0] if matches else None
+        if m.requires_base and index is None:
+            raise RecipeError(f"tensor {out_name}: base_model {base_ref} is not among the sources of its slice")
+        return index
+
+    def parameters(self, out_name: str, sources: list[tuple[_Source, str]], m: MergeMethod, out_slice: OutputSlice,
+                   t: float, base_index: int | None) -> tuple[dict, list[dict]]:
+        """The method's shared and per-model parameters resolved for this tensor (filters
+        against the output name for shared ones, the input name for per-model ones;
+        gradients at depth ``t``), then the method's own plan-time check."""
+        shared_scopes = [out_slice.parameters, self.recipe.parameters]
+        params = {p.name: resolve_param(p, shared_scopes, out_name, t) for p in m.params}
+        model_params = []
+        for i, (src, in_name) in enumerate(sources):
+            scopes = [src.spec.parameters, out_slice.parameters, self.recipe.parameters]
+            mp = {}
+            for p in m.model_params:
+                if i == base_index and not p.for_base:
+                    mp[p.name] = None
+                else:
+                    mp[p.name] = resolve_param(p, scopes, in_name, t)
+            model_params.append(mp)
+        if m.check is not None:
+            problem = m.check(params, model_params)
+            if problem:
+                raise RecipeError(f"tensor {out_name}: {problem}")
+        return params, model_params
+
+    def add(self, tp: TensorPlan) -> None:
+        """Append a planned output tensor (each name once)."""
+        if tp.name in self._seen:
+            raise RecipeError(f"output tensor {tp.name} would be written twice")
+        self._seen.add(tp.name)
+        self.tensors.append(tp)
+
+    def plan_tensor(self, out_name: str, sources: list[tuple[_Source, str]], out_slice: OutputSlice, t: float,
+                    vocab: bool = False) -> None:
+        """Plan one output tensor from ``(source, input tensor name)`` pairs at depth ``t``."""
+        m = self.method_for(len(sources))
+        base_ref = out_slice.base_model or self.recipe.base_model
+        src = source_tensors([(s.model, name) for s, name in sources])
+        row_map = self.vocab_row_map(out_name, src, base_ref) if vocab and self.ctx.tokenizer is not None else None
+        out_shape, truncate = self.output_shape(out_name, src, row_map, vocab)
+        if row_map is None:
+            self.check_shapes(out_name, src, truncate, vocab)
+        self.check_dtypes(src, m)
+        base_index = self.base_index(out_name, sources, m, base_ref)
+        params, model_params = self.parameters(out_name, sources, m, out_slice, t, base_index)
+        dtype = output_dtype(out_name, src, self.ctx.out_dtype)
+        copy = is_byte_copy(m, src, dtype, model_params, row_map)
+        per_row, rows_per_chunk = task_memory(out_shape, dtype, src, m, copy=copy, row_mapped=row_map is not None,
+                                              compute_itemsize=self.ctx.compute_itemsize,
+                                              chunk_bytes=self.ctx.chunk_bytes)
+        self.add(TensorPlan(name=out_name, shape=out_shape, dtype=dtype, method=m.name, sources=src,
+                            base_index=base_index, params=params, model_params=model_params,
+                            rows_per_chunk=rows_per_chunk, copy_bytes=copy, task_bytes=per_row * rows_per_chunk,
+                            row_map=row_map))
+
+    # -- the walk over slices -----------------------------------------------------------
+
+    def resolve_slices(self, slices: list[OutputSlice]) -> list[tuple[OutputSlice, list[_Source]]]:
+        """Each slice's sources against their models, layer ranges checked."""
+        resolved = []
+        for si, s in enumerate(slices):
+            srcs = []
+            for spec in s.sources:
+                if spec.model not in self.ctx.models:
+                    raise RecipeError(f"model {spec.model} is not known")
+                m = self.ctx.models[spec.model]
+                lay = _layout(m, self.ctx.layouts)
+                if spec.layer_range[1] > lay.num_layers:
+                    raise RecipeError(
+                        f"slices[{si}]: layer_range {list(spec.layer_range)} of {spec.model} is out of range: "
+                        f"it has {lay.num_layers} layers"
+                    )
+                srcs.append(_Source(spec, m, lay))
+            lengths = {src.spec.layer_range[1] - src.spec.layer_range[0] for src in srcs}
+            if len(lengths) > 1:
+                what = "models" if not self.recipe.slices else f"slices[{si}] sources"
+                raise RecipeError(f"{what} must all have the same number of layers, got {sorted(lengths)}")
+            resolved.append((s, srcs))
+        return resolved
+
+    def plan_pre(self, first_slice: OutputSlice, first_srcs: list[_Source]) -> None:
+        """Pre weights (embeddings) from the first slice's sources, at t = 0."""
+        lead = first_srcs[0].layout
+        self.embed_name = lead.embedding
+        for name in lead.pre:
+            self.plan_tensor(name, [(src, _same_role(src.layout, lead, name)) for src in first_srcs], first_slice,
+                             0.0, vocab=name in lead.vocab)
+
+    def plan_layers(self, si: int, out_slice: OutputSlice, srcs: list[_Source]) -> None:
+        """One slice's layers, renumbered after the layers planned so far."""
+        n = srcs[0].spec.layer_range[1] - srcs[0].spec.layer_range[0]
+        for i in range(n):
+            t = i / (n - 1) if n > 1 else 1.0
+            lead_src = srcs[0]
+            out_index = len(self.origins)
+            lead_names: list[LayerName] = lead_src.layout.layers.get(lead_src.spec.layer_range[0] + i, [])
+            for ln in lead_names:
+                inputs = []
+                for src in srcs:
+                    idx = src.spec.layer_range[0] + i
+                    inputs.append((src, f"{_prefix_of(src.layout, idx, ln)}.{idx}.{ln.suffix}"))
+                self.plan_tensor(ln.renumbered(out_index), inputs, out_slice, t)
+            others = tuple((src.spec.model, src.spec.layer_range[0] + i) for src in srcs[1:])
+            self.origins.append(LayerOrigin(out_index, lead_src.spec.model, lead_src.spec.layer_range[0] + i, si,
+                                            others))
+
+    def plan_post(self, last_slice: OutputSlice, last_srcs: list[_Source]) -> None:
+        """Post weights (final norm, output head) from the last slice's sources, at t = 0."""
+        lead = last_srcs[0].layout
+        post = list(lead.post)
+        with_head = [src for src in last_srcs if src.layout.head is not None]
+        head_name = lead.head_name or (with_head[0].layout.head if with_head else None)
+        self.head_name = head_name
+        if head_name and with_head and head_name not in post:
+            post.append(head_name)  # the lead is tied but another source has a head
+        for name in post:
+            if head_name is not None and name == head_name:
+                inputs = []
+                for src in last_srcs:
+                    own = src.layout.head or src.layout.embedding  # tied: the embedding stands in
+                    if own is None:
+                        raise InputModelError(f"model {src.spec.model} has neither an output head nor a token embedding")
+                    inputs.append((src, own))
+                self.plan_tensor(name, inputs, last_slice, 0.0, vocab=True)
+            else:
+                self.plan_tensor(name, [(src, _same_role(src.layout, lead, name)) for src in last_srcs], last_slice,
+                                 0.0, vocab=name in lead.vocab)
+
+    def plan_all(self) -> tuple[list[OutputSlice], list[TensorPlan]]:
+        """Every output tensor of the recipe, in mergekit's order."""
+        slices = normalized_slices(self.recipe, self.ctx.models, self.ctx.layouts)
+        resolved = self.resolve_slices(slices)
+        self.plan_pre(*resolved[0])
+        for si, (out_slice, srcs) in enumerate(resolved):
+            self.plan_layers(si, out_slice, srcs)
+        self.plan_post(*resolved[-1])
+        if not self.tensors:
+            raise InputModelError("the recipe selects no tensors")
+        return slices, self.tensors
+
+
+def check_vocabularies(tensors: list[TensorPlan], embed_name: str | None, head_name: str | None,
+                       tokenizer) -> tuple[TensorPlan | None, TensorPlan | None]:
+    """The planned embedding and head; without a recipe tokenizer they must have the same rows."""
+    by_name = {t.name: t for t in tensors}
+    embed = by_name.get(embed_name) if embed_name else None
+    head = by_name.get(head_name) if head_name else None
+    if tokenizer is None and embed is not None and head is not None and embed.rows != head.rows:
+        raise InputModelError(
+            f"the embedding ({embed.sources[0].model}, {embed.rows} rows) and the output head "
+            f"({head.sources[0].model}, {head.rows} rows) have different vocabularies; set tokenizer_source"
+        )
+    return embed, head
+
+
 def build_plan(
     recipe: Recipe,
     *,
@@ -372,239 +741,61 @@ def build_plan(
 ) -> Plan:
     """Plan a merge from the recipe and the parents' headers (no tensor data is read).
 
+    The steps: open the parents and the tokenizer (:func:`open_context`), plan every
+    output tensor (:class:`MergePlanner`, or :class:`dmerge.moe.plan.MoEPlanner` for
+    ``merge_method: moe``), check the vocabularies agree, then lay the tensors out in
+    shards and write the output config (:func:`assemble_plan`).
+
     ``unsafe_truncate_embeddings``: as mergekit's option of that name, when the recipe
     builds no tokenizer, vocabulary tensors (embedding, output head) whose parents have
     different numbers of rows keep only the rows all parents have (the smallest
     vocabulary, a prefix of each), assuming token ids mean the same in that prefix.
     ``trust_remote_code``: tokenizers that ship their own code may run it.
     """
-    from dmerge.tokenizer import build_tokenizer, resolve_chat_template
+    if recipe.merge_method == "moe":
+        from dmerge.moe.plan import build_moe_plan
 
+        return build_moe_plan(recipe, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, compute_dtype=compute_dtype,
+                              models=models, seed=seed, allow_nan=allow_nan, device=device,
+                              allow_crimes=allow_crimes, trust_remote_code=trust_remote_code)
     method = get_method(recipe.merge_method)
-    copy_method = get_method("passthrough")
-    models = models if models is not None else open_models(recipe)
-    layouts: dict[str, ModelLayout] = {}
-    crimes = recipe.allow_crimes if allow_crimes is None else allow_crimes
-    architecture = check_architectures(models, layouts, crimes)
-    slices = normalized_slices(recipe, models, layouts)
-    out_dtype = _dtype_code(recipe.out_dtype) or _dtype_code(recipe.dtype)
-    compute_itemsize = COMPUTE_ITEMSIZE[compute_dtype]
-    tokenizer = build_tokenizer(recipe, models, layouts, trust_remote_code=trust_remote_code)
-    chat_template = resolve_chat_template(recipe.chat_template, models, trust_remote_code)
-
-    tensors: list[TensorPlan] = []
-    seen_names: set[str] = set()
-
-    def plan_tensor(out_name: str, sources: list[tuple[_Source, str]], out_slice: OutputSlice, t: float,
-                    vocab: bool = False) -> None:
-        # One source with a method that needs a base: a copy (see the module docstring).
-        m = copy_method if (len(sources) == 1 and method.requires_base) else method
-        base_ref = out_slice.base_model or recipe.base_model
-        src_tensors = []
-        for src, in_name in sources:
-            loc = src.model.tensor(in_name)
-            src_tensors.append(SourceTensor(src.model.reference, loc.file, loc.entry))
-        first = src_tensors[0].entry
-        row_map = None
-        if vocab and tokenizer is not None:
-            for s in src_tensors[1:]:
-                if s.entry.shape[1:] != first.shape[1:]:
-                    raise InputModelError(
-                        f"tensor {out_name}: {src_tensors[0].model} has shape {list(first.shape)}, {s.model} has "
-                        f"{list(s.entry.shape)}; only the vocabulary dimension may differ"
-                    )
-            row_map = build_row_map(
-                tensor_name=out_name, vocab=tokenizer.vocab, rows=tokenizer.rows,
-                source_models=[s.model for s in src_tensors], permutations=tokenizer.permutations,
-                original_vocabs=tokenizer.original_vocabs, source_rows=[s.entry.rows for s in src_tensors],
-                base_model=base_ref, tokens=tokenizer.spec.tokens, row_numel=math.prod(first.shape[1:]),
-            )
-        out_shape = (tokenizer.rows,) + tuple(first.shape[1:]) if row_map is not None else first.shape
-        truncate = vocab and tokenizer is None and unsafe_truncate_embeddings and len(first.shape) >= 2
-        if truncate:
-            out_shape = (min(s.entry.rows for s in src_tensors),) + tuple(first.shape[1:])
-            if any(s.entry.rows != out_shape[0] for s in src_tensors):
-                sizes = ", ".join(f"{s.model} {s.entry.rows}" for s in src_tensors)
-                warnings.warn(f"--unsafe-truncate-embeddings: {out_name} keeps the first {out_shape[0]} rows of each "
-                              f"parent ({sizes}); token ids must mean the same in that prefix", stacklevel=2)
-        if row_map is None:
-            for s in src_tensors[1:]:
-                if (s.entry.shape[1:] != first.shape[1:]) if truncate else (s.entry.shape != first.shape):
-                    hint = " (different vocabularies: set tokenizer_source, e.g. union or base)" if vocab else ""
-                    raise InputModelError(
-                        f"tensor {out_name}: shape mismatch: {src_tensors[0].model} has {list(first.shape)}, "
-                        f"{s.model} has {list(s.entry.shape)}{hint}"
-                    )
-        for s in src_tensors:
-            if s.entry.dtype not in FLOAT_CODES and not m.copies_bytes:
-                raise InputModelError(
-                    f"tensor {s.name} of {s.model} has dtype {s.entry.dtype}; {m.name} needs floating-point tensors"
-                )
-        base_index = None
-        if base_ref is not None and m is method:
-            matches = [i for i, (src, _) in enumerate(sources) if src.spec.model == base_ref]
-            base_index = matches[0] if matches else None
-        if m.requires_base and base_index is None:
-            raise RecipeError(f"tensor {out_name}: base_model {base_ref} is not among the sources of its slice")
-
-        shared_scopes = [out_slice.parameters, recipe.parameters]
-        params = {p.name: resolve_param(p, shared_scopes, out_name, t) for p in m.params}
-        model_params = []
-        for i, (src, in_name) in enumerate(sources):
-            scopes = [src.spec.parameters, out_slice.parameters, recipe.parameters]
-            mp = {}
-            for p in m.model_params:
-                if i == base_index and not p.for_base:
-                    mp[p.name] = None
-                else:
-                    mp[p.name] = resolve_param(p, scopes, in_name, t)
-            model_params.append(mp)
-        if m.check is not None:
-            problem = m.check(params, model_params)
-            if problem:
-                raise RecipeError(f"tensor {out_name}: {problem}")
-
-        dtype = output_dtype(out_name, src_tensors, out_dtype)
-        copy = (
-            m.copies_bytes
-            and all(s.entry.dtype == dtype for s in src_tensors)
-            and all(mp.get("scale") is None for mp in model_params)
-            and (row_map is None or row_map.byte_copyable)
-        )
-        numel_row = math.prod(out_shape[1:]) if len(out_shape) > 1 else 1
-        rows = out_shape[0] if out_shape else 1
-        out_item = itemsize(dtype)
-        if copy:
-            per_row = numel_row * out_item * (2 if row_map is not None else 1)
-        else:
-            in_items = sum(itemsize(s.entry.dtype) for s in src_tensors)
-            blocked = m.raw_inputs or (m.elementwise and not m.statistics)
-            converted = 0 if blocked else len(src_tensors)  # blocked methods widen per cache-sized block
-            per_row = numel_row * (in_items + (converted + m.work_tensors) * compute_itemsize + out_item)
-        if len(out_shape) < 2:  # vectors are small: one task each
-            rows_per_chunk = rows
-        else:
-            rows_per_chunk = max(1, min(rows, chunk_bytes // max(1, per_row)))
-        if out_name in seen_names:
-            raise RecipeError(f"output tensor {out_name} would be written twice")
-        seen_names.add(out_name)
-        tensors.append(
-            TensorPlan(
-                name=out_name,
-                shape=tuple(out_shape),
-                dtype=dtype,
-                method=m.name,
-                sources=src_tensors,
-                base_index=base_index,
-                params=params,
-                model_params=model_params,
-                rows_per_chunk=rows_per_chunk,
-                copy_bytes=copy,
-                task_bytes=per_row * rows_per_chunk,
-                row_map=row_map,
-            )
-        )
-
-    resolved_slices = []
-    for si, s in enumerate(slices):
-        srcs = []
-        for spec in s.sources:
-            if spec.model not in models:
-                raise RecipeError(f"model {spec.model} is not known")
-            m = models[spec.model]
-            lay = _layout(m, layouts)
-            if spec.layer_range[1] > lay.num_layers:
-                raise RecipeError(
-                    f"slices[{si}]: layer_range {list(spec.layer_range)} of {spec.model} is out of range: "
-                    f"it has {lay.num_layers} layers"
-                )
-            srcs.append(_Source(spec, m, lay))
-        lengths = {src.spec.layer_range[1] - src.spec.layer_range[0] for src in srcs}
-        if len(lengths) > 1:
-            what = "models" if not recipe.slices else f"slices[{si}] sources"
-            raise RecipeError(f"{what} must all have the same number of layers, got {sorted(lengths)}")
-        resolved_slices.append((s, srcs))
-
-    # pre weights (embeddings) from the first slice's sources, at t = 0
-    first_slice, first_srcs = resolved_slices[0]
-    lead = first_srcs[0].layout
-    for name in lead.pre:
-        plan_tensor(name, [(src, _same_role(src.layout, lead, name)) for src in first_srcs], first_slice, 0.0,
-                    vocab=name in lead.vocab)
-
-    origins: list[LayerOrigin] = []
-    for si, (out_slice, srcs) in enumerate(resolved_slices):
-        n = srcs[0].spec.layer_range[1] - srcs[0].spec.layer_range[0]
-        for i in range(n):
-            t = i / (n - 1) if n > 1 else 1.0
-            lead_src = srcs[0]
-            out_index = len(origins)
-            lead_names: list[LayerName] = lead_src.layout.layers.get(lead_src.spec.layer_range[0] + i, [])
-            for ln in lead_names:
-                inputs = []
-                for src in srcs:
-                    idx = src.spec.layer_range[0] + i
-                    inputs.append((src, f"{_prefix_of(src.layout, idx, ln)}.{idx}.{ln.suffix}"))
-                plan_tensor(ln.renumbered(out_index), inputs, out_slice, t)
-            others = tuple((src.spec.model, src.spec.layer_range[0] + i) for src in srcs[1:])
-            origins.append(LayerOrigin(out_index, lead_src.spec.model, lead_src.spec.layer_range[0] + i, si, others))
-
-    # post weights (final norm, output head) from the last slice's sources, at t = 0
-    last_slice, last_srcs = resolved_slices[-1]
-    lead = last_srcs[0].layout
-    post = list(lead.post)
-    with_head = [src for src in last_srcs if src.layout.head is not None]
-    head_name = lead.head_name or (with_head[0].layout.head if with_head else None)
-    if head_name and with_head and head_name not in post:
-        post.append(head_name)  # the lead is tied but another source has a head
-    for name in post:
-        if head_name is not None and name == head_name:
-            inputs = []
-            for src in last_srcs:
-                own = src.layout.head or src.layout.embedding  # tied: the embedding stands in
-                if own is None:
-                    raise InputModelError(f"model {src.spec.model} has neither an output head nor a token embedding")
-                inputs.append((src, own))
-            plan_tensor(name, inputs, last_slice, 0.0, vocab=True)
-        else:
-            plan_tensor(name, [(src, _same_role(src.layout, lead, name)) for src in last_srcs], last_slice, 0.0,
-                        vocab=name in lead.vocab)
-
-    if not tensors:
-        raise InputModelError("the recipe selects no tensors")
-
-    by_name = {t.name: t for t in tensors}
-    embed_name = first_srcs[0].layout.embedding
-    embed = by_name.get(embed_name) if embed_name else None
-    head = by_name.get(head_name) if head_name else None
-    if tokenizer is None and embed is not None and head is not None and embed.rows != head.rows:
-        raise InputModelError(
-            f"the embedding ({embed.sources[0].model}, {embed.rows} rows) and the output head "
-            f"({head.sources[0].model}, {head.rows} rows) have different vocabularies; set tokenizer_source"
-        )
-
-    shards = _assign_shards(tensors, shard_bytes)
-    out_config = _output_config(recipe, models, layouts, slices, origins, tensors, tokenizer,
+    ctx = open_context(recipe, models=models, chunk_bytes=chunk_bytes, compute_dtype=compute_dtype,
+                       allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings,
+                       trust_remote_code=trust_remote_code)
+    planner = MergePlanner(ctx)
+    slices, tensors = planner.plan_all()
+    embed, head = check_vocabularies(tensors, planner.embed_name, planner.head_name, ctx.tokenizer)
+    out_config = _output_config(recipe, ctx.models, ctx.layouts, slices, planner.origins, tensors, ctx.tokenizer,
                                 head_written=head is not None, embed=embed)
+    return assemble_plan(ctx, method.name, tensors, out_config, shard_bytes=shard_bytes, seed=seed,
+                         allow_nan=allow_nan, device=device, layers=planner.origins,
+                         trust_remote_code=trust_remote_code)
+
+
+def assemble_plan(ctx: PlanContext, method: str, tensors: list[TensorPlan], out_config: dict, *, shard_bytes: int,
+                  seed: int, allow_nan: bool, device: str, layers: list[LayerOrigin],
+                  trust_remote_code: bool, computations: list | None = None) -> Plan:
+    """The last step: tensors laid out in shards (byte offsets fixed), and the Plan."""
+    shards = _assign_shards(tensors, shard_bytes)
     return Plan(
-        recipe=recipe,
-        method=method.name,
-        models=models,
+        recipe=ctx.recipe,
+        method=method,
+        models=ctx.models,
         tensors=tensors,
         shards=shards,
         out_config=out_config,
-        chunk_bytes=chunk_bytes,
-        compute_dtype=compute_dtype,
+        chunk_bytes=ctx.chunk_bytes,
+        compute_dtype=ctx.compute_dtype,
         seed=seed,
         allow_nan=allow_nan,
         device=device,
-        layers=origins,
-        tokenizer=tokenizer,
-        architecture=architecture,
-        chat_template=chat_template,
+        layers=layers,
+        tokenizer=ctx.tokenizer,
+        architecture=ctx.architecture,
+        chat_template=ctx.chat_template,
         trust_remote_code=trust_remote_code,
+        computations=list(computations or []),
     )
-
 
 def _same_role(layout: ModelLayout, lead: ModelLayout, name: str) -> str:
     """The name of the tensor in ``layout`` that plays the role ``name`` plays in ``lead``."""
@@ -714,5 +905,6 @@ def _remap_layer_lists(target: dict, ref_layers: int, origins: list[LayerOrigin]
             target[key] = new
 
 
-__all__ = ["Plan", "TensorPlan", "ShardPlan", "SourceTensor", "LayerOrigin", "build_plan", "open_models",
+__all__ = ["Plan", "TensorPlan", "ComputedSource", "PlanContext", "MergePlanner", "open_context", "assemble_plan",
+           "task_memory", "is_byte_copy", "source_tensors", "ShardPlan", "SourceTensor", "LayerOrigin", "build_plan", "open_models",
            "MergeMethod", "model_layout"]

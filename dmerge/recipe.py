@@ -266,6 +266,11 @@ def load_recipe(path_or_text: str, *, is_text: bool = False, allow_crimes: bool 
     loc = _Located(node)
     if not isinstance(data, dict):
         raise RecipeError("recipe must be a YAML mapping with at least merge_method and models or slices")
+    if data.get("merge_method") == "moe" or ("merge_method" not in data and "experts" in data):
+        # a FrankenMoE (mergekit-moe's keys; its own files have no merge_method)
+        from dmerge.moe.recipe import parse_moe_recipe
+
+        return parse_moe_recipe(data, text=text, source_dir=source_dir, allow_crimes=allow_crimes)
     _unknown_recipe_keys(data, loc)  # a misspelled key first: it explains a missing one
     try:
         recipe = Recipe.model_validate(data)

@@ -303,8 +303,28 @@ def upload_part(part: PartJob, members: list) -> tuple[int, int, int]:
     return nread, len(payload), checksum
 
 
+def _merge_pieces(job: ChunkJob) -> tuple[int, int, int]:
+    """A chunk of a tensor assembled from pieces (see ``TensorPlan.pieces``): each piece's
+    rows in the chunk are written as that piece's own chunk (copied, cast, scaled, ...),
+    at the piece's place in the tensor; the CRC is taken over the chunk's bytes once written."""
+    tp = job.tensor
+    nread = nwritten = 0
+    for out_row, piece in tp.pieces:
+        a, b = max(job.row_start, out_row), min(job.row_stop, out_row + piece.rows)
+        if a >= b:
+            continue
+        placed = dataclasses.replace(piece, shard=tp.shard, offset=tp.offset + out_row * tp.row_bytes)
+        r, w, _ = _merge_chunk(dataclasses.replace(job, tensor=placed, row_start=a - out_row, row_stop=b - out_row),
+                               None, None)
+        nread += r
+        nwritten += w
+    return nread, nwritten, job.sink.checksum(tp, job.row_start, nwritten) if nwritten else zlib.crc32(b"")
+
+
 def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> tuple[int, int, int]:
     tp = job.tensor
+    if tp.pieces is not None:
+        return _merge_pieces(job)
     if tp.copy_bytes and job.row_map is not None:
         rows, nread = vocab.gather_bytes(tp.sources, job.row_map, tp.row_bytes)
         data = memoryview(rows.reshape(-1).numpy()) if rows.numel() else memoryview(b"")
@@ -342,6 +362,23 @@ def _merge_chunk(job: ChunkJob, stats: dict | None, pad_means: list | None) -> t
     result = method.fn(inputs)
     # a fused kernel that wrote the rows counted their NaN/Inf already
     return nread, *_finish(job, round_to(result, torch_dtype(tp.dtype)), inputs.scratch.get(NONFINITE_OUTPUTS))
+
+
+@_inference
+def write_computed(job: ChunkJob, part: Reduction) -> tuple[int, int, int]:
+    """Write rows of a computed tensor (no parent bytes: its values come from a
+    computation of the plan, e.g. a MoE router from prompt hidden states). ``part`` holds
+    the whole tensor's values and the parent bytes the computation read for it; they are
+    rounded once to the output dtype, checked and written like a merged chunk's. Returns
+    (bytes read, bytes written, CRC-32)."""
+    tp = job.tensor
+    values = torch.as_tensor(part.value)
+    if tuple(values.shape) != tuple(tp.shape):
+        raise MergeExecutionError(f"{tp.name}: computed values have shape {list(values.shape)}, "
+                                  f"expected {list(tp.shape)}")
+    rows = values[job.row_start:job.row_stop] if values.dim() else values
+    written = _finish(job, round_to(rows.cpu(), torch_dtype(tp.dtype)))
+    return (part.bytes_read if job.row_start == 0 else 0), *written
 
 
 def _write(job: ChunkJob, data: memoryview) -> tuple[int, int]:
@@ -397,6 +434,6 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-
-__all__ = ["ChunkJob", "PartJob", "Reduction", "merge_chunk", "upload_part", "compute_statistic", "finalize_statistic", "vocab_pad_partial",
+__all__ = ["ChunkJob", "PartJob", "Reduction", "merge_chunk", "upload_part", "write_computed", "compute_statistic",
+           "finalize_statistic", "vocab_pad_partial",
            "vocab_pad_finalize", "context_of", "read_rows"]

@@ -29,6 +29,24 @@ TINY = {
     "teknium/OpenHermes-2.5-Mistral-7B": "chatml",
 }
 
+# Hub names in the FrankenMoE examples (merge_method: moe) -> (family, member) of the
+# tiny families of tests/test_moe.py (Llama for Mixtral, Qwen2, Qwen3)
+MOE_TINY = {
+    "mistralai/Mistral-7B-v0.1": ("llama", "base"),
+    "OpenPipe/mistral-ft-optimized-1218": ("llama", "ft1"),
+    "mlabonne/NeuralHermes-2.5-Mistral-7B": ("llama", "ft2"),
+    "mistralai/Mistral-7B-Instruct-v0.2": ("llama", "ft3"),
+    "Qwen/Qwen2.5-7B": ("qwen2", "base"),
+    "Qwen/Qwen2.5-Math-7B": ("qwen2", "ft1"),
+    "Qwen/Qwen2.5-Coder-7B": ("qwen2", "ft2"),
+    "Qwen/Qwen2.5-7B-Instruct": ("qwen2", "ft3"),
+    "Qwen/Qwen3-4B-Base": ("qwen3", "base"),
+    "Qwen/Qwen3-4B": ("qwen3", "ft1"),
+    "Qwen/Qwen3-4B-Instruct-2507": ("qwen3", "ft2"),
+    "Qwen/Qwen3-4B-Thinking-2507": ("qwen3", "ft3"),
+}
+MOE_ARCH = {"llama": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
@@ -76,7 +94,7 @@ def _model_refs(node, key=None):
     elif isinstance(node, list):
         for v in node:
             yield from _model_refs(v, key)
-    elif isinstance(node, str) and key in ("model", "base_model", "tokenizer_source", "source"):
+    elif isinstance(node, str) and key in ("model", "base_model", "tokenizer_source", "source", "source_model"):
         if node not in ("base", "union"):
             yield node
 
@@ -88,7 +106,7 @@ def test_every_config_is_tested():
         doc = yaml.safe_load(open(path))
         assert open(path).read().lstrip().startswith("#"), f"{path}: needs a comment saying what it does"
         assert "merge_method" in doc
-        unknown = set(_model_refs(doc)) - set(TINY)
+        unknown = set(_model_refs(doc)) - set(MOE_TINY if doc["merge_method"] == "moe" else TINY)
         assert not unknown, f"{path}: add tiny stand-ins for {sorted(unknown)}"
 
 
@@ -98,6 +116,8 @@ def test_config_runs_on_tiny_models(path, tiny, tmp_path):
     from dmerge.methods import get_method
 
     doc = yaml.safe_load(open(path))
+    if doc["merge_method"] == "moe":
+        pytest.skip("a FrankenMoE recipe: test_moe_config_runs_on_tiny_models runs it")
     try:
         get_method(doc["merge_method"])
     except RecipeError:
@@ -127,3 +147,51 @@ def test_config_runs_on_tiny_models(path, tiny, tmp_path):
     assert logits.shape[-1] == rows and bool(torch.isfinite(logits).all())
     card = open(os.path.join(out, "README.md")).read()
     assert f"merge_method: {doc['merge_method']}" in card
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """Tiny Llama, Qwen2 and Qwen3 families (base + 3 fine-tunes each)."""
+    from test_moe import _family
+
+    root = str(tmp_path_factory.mktemp("moe-configs"))
+    return {kind: _family(root, kind) for kind in ("llama", "qwen2", "qwen3")}
+
+
+MOE_CONFIGS = [p for p in CONFIGS if yaml.safe_load(open(p)).get("merge_method") == "moe"]
+
+
+@pytest.mark.parametrize("path", MOE_CONFIGS, ids=[os.path.basename(p) for p in MOE_CONFIGS])
+def test_moe_config_runs_on_tiny_models(path, tiny_moe, tmp_path):
+    """A FrankenMoE example runs through `dmerge run` on tiny stand-ins of its family,
+    writes its routing report, and transformers loads the MoE it builds."""
+    doc = yaml.safe_load(open(path))
+    kinds = set()
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            return {k: rewrite(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        if isinstance(node, str) and node in MOE_TINY:
+            kind, member = MOE_TINY[node]
+            kinds.add(kind)
+            return tiny_moe[kind][member]
+        return node
+
+    local = rewrite(doc)
+    assert len(kinds) == 1, kinds
+    kind = kinds.pop()
+    recipe = tmp_path / os.path.basename(path)
+    recipe.write_text(yaml.safe_dump(local, sort_keys=False))
+    out = str(tmp_path / "out")
+    run_merge(str(recipe), out)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["architectures"] == [MOE_ARCH[kind]]
+    report = json.load(open(os.path.join(out, "routing_report.json")))
+    assert report["gate_mode"] == doc["gate_mode"] and len(report["experts"]) == len(doc["experts"])
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == MOE_ARCH[kind]
+    logits = model(torch.tensor([[1, 340, 341]])).logits
+    assert bool(torch.isfinite(logits).all())

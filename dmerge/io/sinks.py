@@ -49,6 +49,10 @@ class LocalShard:
         # holds what the shard holds
         return checksum_range(self.path, offset, nbytes)
 
+    def checksum(self, tensor, row_start: int, nbytes: int) -> int:
+        """CRC-32 of ``nbytes`` written from row ``row_start`` of ``tensor`` (read back)."""
+        return checksum_range(self.path, rows_offset(tensor, row_start), nbytes)
+
 
 @dataclass
 class PartBuffer:
