@@ -10,10 +10,11 @@ noise and scale the expert tensor is a byte copy (passthrough), which is what
 ``dmerge moe`` plans then; this method is used only when an expert sets either.
 """
 
+from __future__ import annotations
+
 import math
 
-import torch
-
+from dmerge.lazy import torch
 from dmerge.methods import ChunkInputs, Param, merge_method
 from dmerge.methods._sparsify import keyed_uniform, stream_key
 
