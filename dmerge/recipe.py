@@ -247,17 +247,22 @@ def _unknown_recipe_keys(keys, loc: _Located) -> list[str]:
     return unknown
 
 
+def read_recipe_text(path_or_text: str, is_text: bool = False) -> tuple[str, str]:
+    """A recipe's YAML text and the folder its relative paths start from (the file's,
+    or the working folder for text given with ``is_text``)."""
+    if is_text:
+        return path_or_text, os.getcwd()
+    try:
+        with open(path_or_text, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path_or_text}: {e.strerror}") from None
+    return text, os.path.dirname(os.path.abspath(path_or_text))
+
+
 def load_recipe(path_or_text: str, *, is_text: bool = False, allow_crimes: bool = False) -> Recipe:
     """Parse and validate a recipe from a file path (or YAML text with ``is_text``)."""
-    if is_text:
-        text, source_dir = path_or_text, os.getcwd()
-    else:
-        try:
-            with open(path_or_text, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe {path_or_text}: {e.strerror}") from None
-        source_dir = os.path.dirname(os.path.abspath(path_or_text))
+    text, source_dir = read_recipe_text(path_or_text, is_text)
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

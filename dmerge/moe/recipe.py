@@ -20,7 +20,6 @@ The same keys with ``merge_method: moe`` make an ordinary recipe that ``dmerge r
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Optional
 
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dmerge.errors import RecipeError, RecipeWarning
 from dmerge.io.safetensors_format import DTYPE_NAMES
+from dmerge.recipe import read_recipe_text
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "router_input")
 EXPERT_LAYOUTS = ("per_expert", "packed")
@@ -162,15 +162,7 @@ def validate_moe_recipe(recipe: MoERecipe) -> None:
 def load_moe_recipe(path_or_text: str, *, is_text: bool = False, allow_crimes: bool = False,
                     expert_layout: str | None = None) -> MoERecipe:
     """Read and validate a MoE recipe (a file path, or YAML text with ``is_text``)."""
-    if is_text:
-        text, source_dir = path_or_text, os.getcwd()
-    else:
-        try:
-            with open(path_or_text, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe {path_or_text}: {e.strerror}") from None
-        source_dir = os.path.dirname(os.path.abspath(path_or_text))
+    text, source_dir = read_recipe_text(path_or_text, is_text)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
