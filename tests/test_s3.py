@@ -289,3 +289,44 @@ def test_killed_upload_leaves_no_complete_output_then_resumes(stand, s3_family, 
     for name in os.listdir(local):
         if name.endswith(".safetensors") or name.endswith(".json"):
             assert got[name] == open(os.path.join(local, name), "rb").read(), name
+
+
+def test_resume_keeps_the_shards_completed_before_the_interruption(stand, s3_family, tmp_path, monkeypatch):
+    """Stopped while completing the uploads (after the first shard's), --resume neither
+    uploads that shard again nor loses it."""
+    from click.testing import CliRunner
+
+    from dmerge.cli import main
+    from dmerge.io import object_output
+
+    folders, urls, fs = s3_family
+    _bucket(stand, "completing")
+    recipe = write_recipe(tmp_path / "r.yml", LINEAR.format(**urls))
+    options = json.dumps({"s3": stand.options()})
+    complete = object_output.ObjectOutput._s3
+
+    def interrupted_after_one(self, method, what, **kwargs):
+        if method == "complete_multipart_upload" and self.completed:
+            raise KeyboardInterrupt  # as Ctrl-C would, between two shards
+        return complete(self, method, what, **kwargs)
+
+    monkeypatch.setattr(object_output.ObjectOutput, "_s3", interrupted_after_one)
+    stopped = CliRunner().invoke(main, ["run", recipe, "s3://completing/m", "--quiet", *SHARDING,
+                                        "--storage-options", options])
+    assert stopped.exit_code == 130, stopped.output  # as after Ctrl-C
+    monkeypatch.setattr(object_output.ObjectOutput, "_s3", complete)
+    run = json.loads(fs.cat_file("completing/m/.dmerge-run.json"))
+    assert len(run["completed"]) == 1 and len(run["uploads"]) >= 1
+    fs.invalidate_cache()
+    assert not fs.exists("completing/m/model.safetensors.index.json")
+
+    stand.reset_counts()
+    _merge([recipe, "s3://completing/m", *SHARDING, "--resume"], stand)
+    assert stand.requests.get("PUT part", 0) == 0  # every part was there: nothing uploaded again
+    assert _uploads(stand, "completing") == []
+    local = str(tmp_path / "local")
+    _merge([write_recipe(tmp_path / "l.yml", LINEAR.format(**folders)), local, *SHARDING], stand)
+    got = _objects(fs, "completing/m")
+    for name in os.listdir(local):
+        if name.endswith(".safetensors") or name.endswith(".json"):
+            assert got[name] == open(os.path.join(local, name), "rb").read(), name

@@ -148,6 +148,8 @@ class ObjectOutput:
         self.bucket, self.prefix = _split(self.path.rstrip("/"))
         self.overwrite = overwrite
         self.uploads: dict[str, str] = {}  # shard name -> upload id
+        self.completed: list[str] = []  # shards whose upload this run (or the one it resumes) completed
+        self._header: dict | None = None
         self._written: list[str] = []
         self._earlier: list[str] = []
         self._owns_run = False  # this run wrote the run file and marker
@@ -196,10 +198,16 @@ class ObjectOutput:
         done: set = set()
         if earlier_run is not None and resume:
             check_same_plan(self.folder, earlier_run.get("fingerprint"), header["fingerprint"])
-            self.uploads = {n: u for n, u in earlier_run.get("uploads", {}).items()
-                            if n in {s.name for s in plan.shards}}
+            names = {s.name for s in plan.shards}
+            self.uploads = {n: u for n, u in earlier_run.get("uploads", {}).items() if n in names}
+            # a shard completed before the interruption is an object now: the run file
+            # says so (an object of that name alone could be an earlier model's)
+            self.completed = [n for n in earlier_run.get("completed", []) if n in names and n in existing]
             expected = {(p.shard, p.number): p.size for p in parts}
             for si, shard in enumerate(plan.shards):
+                if shard.name in self.completed:
+                    done |= {key for key in expected if key[0] == si}
+                    continue
                 upload_id = self.uploads.get(shard.name)
                 listed = self.list_parts(shard.name, upload_id) if upload_id else None
                 if listed is None:  # aborted or expired meanwhile: start that shard again
@@ -209,16 +217,19 @@ class ObjectOutput:
         elif earlier_run is not None:  # --overwrite: the earlier run's uploads go
             self._abort_uploads(earlier_run.get("uploads", {}))
         for shard in plan.shards:
-            if shard.name not in self.uploads:
+            if shard.name not in self.uploads and shard.name not in self.completed:
                 created = self._s3("create_multipart_upload", "start an upload of", Key=self.key(shard.name))
                 self.uploads[shard.name] = created["UploadId"]
         self._owns_run = True
+        self._header = header
         self._write_run(header)
         self._put(MARKER_FILE, _marker_text(self.folder, resume_command).encode())
         return done
 
-    def sinks(self, plan) -> list[ObjectShard]:
-        return [ObjectShard(self.url(s.name), self.uploads[s.name]) for s in plan.shards]
+    def sinks(self, plan) -> list[ObjectShard | None]:
+        """One sink per shard (None for a shard already complete: no part of it is left)."""
+        return [ObjectShard(self.url(s.name), self.uploads[s.name]) if s.name in self.uploads else None
+                for s in plan.shards]
 
     def list_parts(self, shard_name: str, upload_id: str) -> dict[int, tuple[int, str]] | None:
         """The parts an upload holds: number -> (size, ETag); None if the upload is gone."""
@@ -251,6 +262,8 @@ class ObjectOutput:
         for p in parts or []:
             count[p.shard] = max(count.get(p.shard, 0), p.number)
         for si, shard in enumerate(shards):
+            if shard.name in self.completed:
+                continue
             listed = self.list_parts(shard.name, self.uploads[shard.name]) or {}
             wanted = count.get(si, len(listed))
             missing = [n for n in range(1, wanted + 1) if n not in listed]
@@ -261,6 +274,9 @@ class ObjectOutput:
                      MultipartUpload={"Parts": [{"PartNumber": n, "ETag": listed[n][1]}
                                                 for n in range(1, wanted + 1)]})
             self._written.append(shard.name)
+            self.completed.append(shard.name)
+            del self.uploads[shard.name]
+            self._write_run(self._header)  # a resume after this point keeps the shard
         names = {s.name for s in shards}
         for name in self._earlier:
             if is_weight_file(name) and name not in names:
@@ -281,7 +297,7 @@ class ObjectOutput:
         """Write the index, last (it marks the prefix complete), after removing files of an
         earlier merge this one did not write again; then the run file and marker go."""
         for old in self._earlier:
-            if old not in self._written and old != name:
+            if old not in self._written and old not in self.completed and old != name:
                 self._delete(old)
         self.write_json(name, doc)
         self._delete(RUN_FILE)
@@ -291,9 +307,11 @@ class ObjectOutput:
         """A failed merge: abort its uploads (nothing left to bill) and remove what it wrote."""
         self._abort_uploads(self.uploads)
         self.uploads = {}
-        for name in self._written + ([RUN_FILE, MARKER_FILE] if self._owns_run else []):
+        # shards completed by the run this one resumed are this merge's too
+        for name in dict.fromkeys(self._written + self.completed + ([RUN_FILE, MARKER_FILE] if self._owns_run else [])):
             self._delete(name)
         self._written.clear()
+        self.completed = []
 
     # -- small objects ----------------------------------------------------------------
 
@@ -319,7 +337,8 @@ class ObjectOutput:
 
     def _write_run(self, header: dict) -> None:
         doc = {"dmerge_run": RUN_FORMAT, "fingerprint": header["fingerprint"], "run_id": header["run_id"],
-               "dmerge_version": header.get("dmerge_version"), "uploads": self.uploads}
+               "dmerge_version": header.get("dmerge_version"), "uploads": self.uploads,
+               "completed": self.completed}
         self._put(RUN_FILE, (json.dumps(doc, indent=1) + "\n").encode())
 
     def _abort_uploads(self, uploads: dict[str, str]) -> None:
