@@ -361,6 +361,9 @@ def _leave_now() -> None:
     handlers are flushed first."""
     if not _OWN_PROCESS:
         return
+    spill = sys.modules.get("dmerge.io.spill")
+    if spill is not None:  # exit handlers will not run: remove the spilled parent bytes now
+        spill.spill.remove()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -11,7 +11,8 @@ Each remote byte is then fetched once where the passes of a chunk run on one mac
 
 The spill is bounded (``DMERGE_SPILL_BYTES``, default the smaller of 16 GiB and a quarter
 of the free space; 0 turns it off) and lives in ``DMERGE_SPILL_DIR`` (default the
-system's temporary folder), in a folder of this process removed at exit. A full spill
+system's temporary folder), in a folder of this process removed at exit (and, should
+the process be killed, by the next dmerge process that spills there). A full spill
 just means fetching again. Entries are keyed by (location, offset, length); writing one
 is atomic (a temporary name, then a rename), so a reader never sees half an entry.
 """
@@ -59,9 +60,20 @@ class Spill:
         if self._folder is None:
             with self._lock:
                 if self._folder is None:
+                    _remove_orphans(self._root())
                     self._folder = tempfile.mkdtemp(prefix=f"dmerge-spill-{os.getpid()}-", dir=self._root())
-                    atexit.register(shutil.rmtree, self._folder, True)
+                    atexit.register(self.remove)
         return self._folder
+
+    def remove(self) -> None:
+        """Delete the spill folder and everything in it (at exit; also called by the
+        command line before it leaves without running exit handlers)."""
+        with self._lock:
+            folder, self._folder = self._folder, None
+            self._sizes.clear()
+            self._used = 0
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _name(location: str, offset: int, length: int) -> str:
@@ -113,6 +125,24 @@ class Spill:
     def _forget(self, name: str) -> None:
         with self._lock:
             self._used -= self._sizes.pop(name, 0)
+
+
+def _remove_orphans(root: str) -> None:
+    """Remove the spill folders of processes that are gone (killed: no exit handler ran)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if not name.startswith("dmerge-spill-") or len(parts) < 4 or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except OSError:  # alive but another user's, or unknowable: leave it
+            pass
 
 
 spill = Spill()
