@@ -266,6 +266,9 @@ def test_killed_upload_leaves_no_complete_output_then_resumes(stand, s3_family, 
     assert not any(n.endswith(".safetensors") for n in names)  # no shard exists before completion
     assert {"DMERGE_UNFINISHED", ".dmerge-run.json"} <= names
     run = json.loads(fs.cat_file("resume/merged/.dmerge-run.json"))
+    marker = fs.cat_file("resume/merged/DMERGE_UNFINISHED").decode()
+    # the note says how to resume, without the credentials given on the command line
+    assert "--resume" in marker and "<the same storage options>" in marker and '"secret"' not in marker
     pending = {(u["Key"], u["UploadId"]) for u in client.list_multipart_uploads(Bucket="resume").get("Uploads", [])}
     # every upload left is one the run file records: none dangles unknown
     assert pending == {(f"merged/{name}", uid) for name, uid in run["uploads"].items()}
@@ -330,3 +333,19 @@ def test_resume_keeps_the_shards_completed_before_the_interruption(stand, s3_fam
     for name in os.listdir(local):
         if name.endswith(".safetensors") or name.endswith(".json"):
             assert got[name] == open(os.path.join(local, name), "rb").read(), name
+
+
+def test_storage_options_from_a_yaml_file(stand, s3_family, tmp_path):
+    from click.testing import CliRunner
+
+    from dmerge.cli import main
+
+    folders, urls, fs = s3_family
+    options = tmp_path / "s3.yml"
+    options.write_text("s3:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in stand.options().items()))
+    result = CliRunner().invoke(main, ["plan", write_recipe(tmp_path / "r.yml", LINEAR.format(**urls)),
+                                       "--storage-options", str(options)])
+    assert result.exit_code == 0, result.output
+    assert "output tensors" in result.output
+    bad = CliRunner().invoke(main, ["plan", str(tmp_path / "r.yml"), "--storage-options", str(tmp_path / "none.yml")])
+    assert bad.exit_code == 1 and "cannot read" in bad.output
