@@ -309,9 +309,9 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
         raise DMergeError("--resume is not available with --output-format zarr: a zarr merge that stops "
                           "removes what it wrote; run it again")
     to_objects = not to_zarr and storage.is_url(out_dir) and is_object_store(out_dir)
-    if (to_zarr or to_objects) and plan.computations:
-        raise DMergeError("a FrankenMoE (computed routers) is written to a local or shared folder; write it there "
-                          "and copy it, or export it (S3 and zarr output of computed tensors are not supported yet)")
+    if to_zarr and plan.computations:
+        raise DMergeError("a FrankenMoE (computed routers) is written as safetensors (a folder or s3://), not "
+                          "as a zarr group yet")
     if to_zarr:
         from dmerge.io.zarr_store import ZarrOutput, align_plan
 
@@ -334,7 +334,7 @@ def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None,
             done_parts = output.begin(plan, header, resume, resume_command, parts)
             started = True
             dsk, keys = build_part_graph(plan, parts, output.sinks(plan), rid, done=done_parts)
-            groups = part_groups(parts)
+            groups = part_groups(parts, plan)
             done_bytes = sum(p.size for p in parts if (p.shard, p.number) in done_parts)
             units, units_done = len(parts), len(done_parts)
         elif to_zarr:

@@ -134,20 +134,8 @@ def build_graph(plan, sinks, run_id: str,
     names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []
-    computations = getattr(plan, "computations", [])
-    part_keys: dict[int, dict] = {}
-    reports: list[tuple] = []
-    # a computation runs when a tensor of it is left to write, or when it reports (a
-    # resumed MoE's routing report is written again, whatever was done before)
-    needed = {tp.computed.computation for ti, tp in enumerate(plan.tensors)
-              if tp.computed is not None and any((ti, c) not in done for c in range(tp.n_chunks))}
-    needed |= {ci for ci, c in enumerate(computations) if getattr(c, "report_file", None)}
-    for ci in sorted(needed):
-        comp_dsk, parts, report = computations[ci].tasks(f"{names['computed']}-{ci}", plan.device)
-        dsk.update(comp_dsk)
-        part_keys[ci] = parts
-        if report is not None:
-            reports.append(report)
+    part_keys, reports = _computations(dsk, names, plan, {ti for ti, tp in enumerate(plan.tensors)
+                                                         if any((ti, c) not in done for c in range(tp.n_chunks))})
     for ti, tp in enumerate(plan.tensors):
         todo = [c for c in range(tp.n_chunks) if (ti, c) not in done]
         if not todo:
@@ -170,6 +158,26 @@ def build_graph(plan, sinks, run_id: str,
     return dsk, outputs + reports
 
 
+def _computations(dsk: dict, names: dict, plan, unwritten: set[int]) -> tuple[dict, list[tuple]]:
+    """Add the tasks of the plan's computations that are needed to ``dsk``: those with a
+    tensor in ``unwritten`` (tensor indices with something left to write), and those that
+    report (a resumed MoE's routing report is written again, whatever was done before).
+    Returns (computation index -> its value keys, the report keys)."""
+    computations = getattr(plan, "computations", [])
+    part_keys: dict[int, dict] = {}
+    reports: list[tuple] = []
+    needed = {tp.computed.computation for ti, tp in enumerate(plan.tensors)
+              if tp.computed is not None and ti in unwritten}
+    needed |= {ci for ci, c in enumerate(computations) if getattr(c, "report_file", None)}
+    for ci in sorted(needed):
+        comp_dsk, parts, report = computations[ci].tasks(f"{names['computed']}-{ci}", plan.device)
+        dsk.update(comp_dsk)
+        part_keys[ci] = parts
+        if report is not None:
+            reports.append(report)
+    return part_keys, reports
+
+
 def build_part_graph(plan, parts: list, sinks: list, run_id: str,
                      done: set[tuple[int, int]] | frozenset = frozenset()) -> tuple[dict, list[tuple]]:
     """The graph of a merge into multipart uploads: one task per upload part
@@ -177,37 +185,46 @@ def build_part_graph(plan, parts: list, sinks: list, run_id: str,
     part number)`` with ``t`` its first tensor, which merges the part's write units in
     memory and uploads them. Parts in ``done`` ((shard, part number) pairs a resumed run
     finds uploaded) are left out, with the statistics only they needed."""
-    from dmerge.tasks import PartJob, upload_part
+    from dmerge.tasks import ChunkJob, PartJob, upload_part
 
     names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []
     todo = [p for p in parts if (p.shard, p.number) not in done]
     needed = sorted({t for p in todo for t, _ in p.members})
+    part_keys, reports = _computations(dsk, names, plan, set(needed))
     jobs: dict[int, list[ChunkJob]] = {}
     reductions: dict[int, tuple] = {}
     for ti in needed:
         tp = plan.tensors[ti]
+        if tp.computed is not None:  # written from its computation's values
+            jobs[ti] = [ChunkJob(tp, *tp.chunk_rows(c), sink=None, allow_nan=plan.allow_nan)
+                        for c in range(tp.n_chunks)]
+            reductions[ti] = (None, None)
+            continue
         jobs[ti] = _chunk_jobs(plan, tp, None)  # the part task gives each job its buffer
         reductions[ti] = _reductions(dsk, names, ti, tp, jobs[ti])
     reported: set[int] = set()
     for p in todo:
         members = []
         for ti, c in p.members:
-            members.append([jobs[ti][c], *reductions[ti], ti not in reported])
+            tp = plan.tensors[ti]
+            computed = part_keys[tp.computed.computation][tp.computed.part] if tp.computed is not None else None
+            members.append([jobs[ti][c], *reductions[ti], ti not in reported, computed])
             reported.add(ti)
         header = plan.shards[p.shard].header if p.header else None
         first = p.members[0][0] if p.members else plan.shards[p.shard].tensors[0]
         key = (names["part"], first, p.shard, p.number)
         dsk[key] = (upload_part, PartJob(sinks[p.shard], p.number, p.start, p.stop, header), members)
         outputs.append(key)
-    return dsk, outputs
+    return dsk, outputs + reports
 
 
-def part_groups(parts: list) -> dict[int, int]:
+def part_groups(parts: list, plan=None) -> dict[int, int]:
     """Tensor index -> the first tensor of the run of tensors that share upload parts:
     a part holding the tail of one tensor and the start of the next ties their tasks
-    into one group, which :func:`waves` keeps in one wave."""
+    into one group, which :func:`waves` keeps in one wave. With ``plan``, tensors in a
+    part with a computed tensor join the computations' group (``COMPUTATION_INDEX``)."""
     parent: dict[int, int] = {}
 
     def root(t: int) -> int:
@@ -217,6 +234,8 @@ def part_groups(parts: list) -> dict[int, int]:
 
     for p in parts:
         tensors = sorted({t for t, _ in p.members})
+        if plan is not None and any(plan.tensors[t].computed is not None for t in tensors):
+            tensors = [COMPUTATION_INDEX] + tensors  # written from a computation: in its wave
         for t in tensors[1:]:
             a, b = root(tensors[0]), root(t)
             if a != b:

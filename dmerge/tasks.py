@@ -287,15 +287,20 @@ class PartJob:
 def upload_part(part: PartJob, members: list) -> tuple[int, int, int]:
     """Merge the write units of one part into memory and upload them as that part.
 
-    ``members``: ``[job, stats, pad, report_reductions]`` per write unit, in byte order
-    (small tensors grouped, or one chunk of a big one). Returns (bytes read, bytes
-    uploaded, CRC-32 of the part)."""
+    ``members``: ``[job, stats, pad, report_reductions, computed]`` per write unit, in
+    byte order (small tensors grouped, or one chunk of a big one); ``computed``: for a
+    computed tensor (a MoE router), the computation's values for it, else None. Returns
+    (bytes read, bytes uploaded, CRC-32 of the part)."""
     buffer = PartBuffer(part.start, part.stop)
     if part.header is not None:
         buffer.place(0, part.header)
     nread = 0
-    for job, stats, pad, report in members:
-        r, _, _ = merge_chunk(dataclasses.replace(job, sink=buffer), stats, pad, report)
+    for job, stats, pad, report, computed in members:
+        job = dataclasses.replace(job, sink=buffer)
+        if computed is not None:
+            r, _, _ = write_computed(job, computed)
+        else:
+            r, _, _ = merge_chunk(job, stats, pad, report)
         nread += r
     payload = buffer.payload()
     checksum = zlib.crc32(payload)

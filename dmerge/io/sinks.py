@@ -19,6 +19,7 @@ The client-side half (``prepare``, ``commit``, ``abort``) belongs to the output 
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 from dmerge.io.output import checksum_range, copy_range, write_range
@@ -85,6 +86,13 @@ class PartBuffer:
 
     def copy(self, tensor, row_start: int, src: str, src_offset: int, nbytes: int) -> int | None:
         return None
+
+    def checksum(self, tensor, row_start: int, nbytes: int) -> int:
+        """CRC-32 of ``nbytes`` written from row ``row_start`` of ``tensor``."""
+        offset = rows_offset(tensor, row_start) - self.start
+        if self._whole is not None:
+            return zlib.crc32(self._whole[offset:offset + nbytes])
+        return zlib.crc32(memoryview(self._buffer)[offset:offset + nbytes])
 
     def payload(self) -> memoryview:
         """The part's bytes, once every byte of it was written."""
