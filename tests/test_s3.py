@@ -88,6 +88,13 @@ def _objects(fs, prefix: str) -> dict[str, bytes]:
     return {os.path.basename(p): fs.cat_file(p) for p in fs.ls(prefix, detail=False)}
 
 
+def _assert_same_weights(got: dict[str, bytes], local: str) -> None:
+    """The objects ``got`` hold the shards, index and config of the local folder, byte for byte."""
+    for name in os.listdir(local):
+        if name.endswith(".safetensors") or name.endswith(".json"):
+            assert got[name] == open(os.path.join(local, name), "rb").read(), name
+
+
 def _uploads(stand: S3Stand, bucket: str) -> list[dict]:
     return stand.boto().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
 
@@ -173,9 +180,7 @@ def test_transient_faults_still_give_identical_bytes(stand, s3_family, tmp_path)
         stand.faults, stand.fault_every = [], 0
     assert injected >= 6  # every kind, more than once
     got = _objects(fs, "out/faulty")
-    for name in os.listdir(local):
-        if name.endswith(".safetensors") or name.endswith(".json"):
-            assert got[name] == open(os.path.join(local, name), "rb").read(), name
+    _assert_same_weights(got, local)
 
 
 def test_permanent_error_names_the_object_and_aborts_uploads(stand, s3_family, tmp_path):
@@ -229,9 +234,7 @@ def test_storage_options_reach_process_workers(stand, s3_family, tmp_path):
     local = str(tmp_path / "local")
     _merge([write_recipe(tmp_path / "l.yml", LINEAR.format(**folders)), local, *SHARDING], stand)
     got = _objects(fs, "out/procs")
-    for name in os.listdir(local):
-        if name.endswith(".safetensors"):
-            assert got[name] == open(os.path.join(local, name), "rb").read()
+    _assert_same_weights(got, local)
 
 
 def test_killed_upload_leaves_no_complete_output_then_resumes(stand, s3_family, tmp_path):
@@ -289,9 +292,7 @@ def test_killed_upload_leaves_no_complete_output_then_resumes(stand, s3_family, 
     _merge([write_recipe(tmp_path / "l.yml", TIES.format(**folders)), local, *SHARDING], stand)
     got = _objects(fs, "resume/merged")
     assert "DMERGE_UNFINISHED" not in got and ".dmerge-run.json" not in got
-    for name in os.listdir(local):
-        if name.endswith(".safetensors") or name.endswith(".json"):
-            assert got[name] == open(os.path.join(local, name), "rb").read(), name
+    _assert_same_weights(got, local)
 
 
 def test_resume_keeps_the_shards_completed_before_the_interruption(stand, s3_family, tmp_path, monkeypatch):
@@ -330,9 +331,7 @@ def test_resume_keeps_the_shards_completed_before_the_interruption(stand, s3_fam
     local = str(tmp_path / "local")
     _merge([write_recipe(tmp_path / "l.yml", LINEAR.format(**folders)), local, *SHARDING], stand)
     got = _objects(fs, "completing/m")
-    for name in os.listdir(local):
-        if name.endswith(".safetensors") or name.endswith(".json"):
-            assert got[name] == open(os.path.join(local, name), "rb").read(), name
+    _assert_same_weights(got, local)
 
 
 def test_storage_options_from_a_yaml_file(stand, s3_family, tmp_path):
