@@ -208,7 +208,20 @@ def _apply(options: list, fn):
     return fn
 
 
+# While the background import of torch runs (start-up), SIGTERM is noted and delivered
+# again once it is done: raised in the main thread in the middle of an import that
+# contends with that thread's, the exception can be swallowed by importlib's lock
+# bookkeeping ("Exception ignored in ... _get_module_lock") and leave the import
+# deadlocked. Seen once in 7 runs of the SIGTERM test of cluster/local.sh.
+_importing = threading.Event()
+_term_pending = False
+
+
 def _on_sigterm(signum, frame):
+    global _term_pending
+    if _importing.is_set():
+        _term_pending = True
+        return
     raise Terminated()
 
 
@@ -389,12 +402,19 @@ def _import_task_modules() -> None:
         import dmerge.tasks  # noqa: F401 -- torch, and the task functions the graph calls
     except Exception:  # the merge itself will import them again and report the error
         pass
+    finally:
+        _importing.clear()
+        if _term_pending:  # a SIGTERM came meanwhile: deliver it now (see _on_sigterm)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _do_run(recipe_path: str, out_dir: str, moe: bool = False, expert_layout: str | None = None, **o) -> None:
     # Importing torch takes most of a merge's start-up (0.7 s on a quiet 2-core machine,
     # 2-3 s on a busy one); the recipe, the plan and the output folder need none of it,
     # so it is imported meanwhile.
+    global _term_pending
+    _term_pending = False
+    _importing.set()
     threading.Thread(target=_import_task_modules, name="dmerge-import", daemon=True).start()
     install_warning_format()
     from dmerge.execute import (ClusterOptions, check_worker_memory, chunk_budget, describe_result, run_plan,
