@@ -239,8 +239,10 @@ class ObjectOutput:
             try:
                 page = self._s3("list_parts", "list the parts of", Key=self.key(shard_name), UploadId=upload_id,
                                 PartNumberMarker=marker, MaxParts=1000)
+            except FileNotFoundError:  # the upload is gone (s3fs maps NoSuchUpload to it)
+                return None
             except DMergeError as e:
-                if "NoSuchUpload" in str(e) or isinstance(e.__cause__, FileNotFoundError):
+                if "NoSuchUpload" in str(e):
                     return None
                 raise
             for p in page.get("Parts", []):
@@ -321,9 +323,8 @@ class ObjectOutput:
     def _delete(self, name: str) -> None:
         try:
             storage.with_retries(self.url(name), lambda: self.fs.rm_file(f"{self.path}/{name}"), "remove")
-        except DMergeError as e:
-            if not isinstance(e.__cause__, FileNotFoundError):
-                raise
+        except FileNotFoundError:
+            pass
 
     def _read_run(self) -> dict:
         try:

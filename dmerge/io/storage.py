@@ -39,6 +39,11 @@ class StorageError(DMergeError, OSError):
     """A remote object could not be read or written (after retries where that could help)."""
 
 
+class StorageNotFound(StorageError, FileNotFoundError):
+    """The object (or its bucket or repository) does not exist: a :class:`StorageError`
+    that callers asking "is it there?" catch as ``FileNotFoundError``, as for local files."""
+
+
 READ_RETRIES = int(os.environ.get("DMERGE_READ_RETRIES", "6"))
 BACKOFF_FIRST_S = 0.25
 BACKOFF_MAX_S = 8.0
@@ -136,8 +141,11 @@ def with_retries(location: str, attempt, what: str = "read"):
             with _requests:
                 return attempt()
         except Exception as e:  # noqa: BLE001 - classified below
-            if isinstance(e, StorageError) or is_permanent(e):
-                raise StorageError(f"cannot {what} {describe_error(location, e)}") from e
+            if isinstance(e, StorageError):
+                raise
+            if is_permanent(e):
+                error = StorageNotFound if isinstance(e, FileNotFoundError) else StorageError
+                raise error(f"cannot {what} {describe_error(location, e)}") from e
             if n == READ_RETRIES:
                 raise StorageError(f"cannot {what} {describe_error(location, e)} "
                                    f"(gave up after {READ_RETRIES + 1} tries)") from e
