@@ -65,6 +65,19 @@ def s3_family(stand, tmp_path_factory):
     return folders, urls, fs
 
 
+@pytest.fixture(scope="module")
+def local_merges(stand, s3_family, tmp_path_factory):
+    """The ties and linear merges of the local family with the tests' sharding: what every
+    bucket output must equal, merged once."""
+    folders = s3_family[0]
+    root = tmp_path_factory.mktemp("local-merges")
+    out = {}
+    for name, template in (("ties", TIES), ("linear", LINEAR)):
+        out[name] = str(root / name)
+        _merge([write_recipe(root / f"{name}.yml", template.format(**folders)), out[name], *SHARDING], stand)
+    return out
+
+
 def _merge(args: list[str], stand: S3Stand) -> None:
     from click.testing import CliRunner
 
@@ -114,11 +127,10 @@ def _tensor_bytes(folder: str, layers: range | None = None) -> int:
     return total
 
 
-def test_bucket_to_bucket_equals_local(stand, s3_family, tmp_path):
+def test_bucket_to_bucket_equals_local(stand, s3_family, local_merges, tmp_path):
     folders, urls, fs = s3_family
     _bucket(stand, "out")
-    local = str(tmp_path / "local")
-    _merge([write_recipe(tmp_path / "l.yml", TIES.format(**folders)), local, *SHARDING], stand)
+    local = local_merges["ties"]
     stand.reset_counts()
     _merge([write_recipe(tmp_path / "r.yml", TIES.format(**urls)), "s3://out/ties", *SHARDING], stand)
     served = stand.bytes_sent
@@ -166,11 +178,10 @@ def test_one_pass_reads_each_byte_once(stand, s3_family, tmp_path):
     assert stand.bytes_sent < 0.75 * _tensor_bytes(folders["ft1"])
 
 
-def test_transient_faults_still_give_identical_bytes(stand, s3_family, tmp_path):
+def test_transient_faults_still_give_identical_bytes(stand, s3_family, local_merges, tmp_path):
     folders, urls, fs = s3_family
     _bucket(stand, "out")
-    local = str(tmp_path / "local")
-    _merge([write_recipe(tmp_path / "l.yml", LINEAR.format(**folders)), local, *SHARDING], stand)
+    local = local_merges["linear"]
     stand.reset_counts()
     stand.faults, stand.fault_every = ["503", "cut", "short"], 10
     try:
@@ -219,7 +230,7 @@ def test_missing_object_is_one_clear_error(stand, s3_family, tmp_path):
     assert len([ln for ln in result.output.splitlines() if ln.strip()]) == 1
 
 
-def test_storage_options_reach_process_workers(stand, s3_family, tmp_path):
+def test_storage_options_reach_process_workers(stand, s3_family, local_merges, tmp_path):
     """Workers in other processes get the endpoint and keys from --storage-options alone
     (the environment has none)."""
     folders, urls, fs = s3_family
@@ -231,13 +242,10 @@ def test_storage_options_reach_process_workers(stand, s3_family, tmp_path):
                            "--storage-options", json.dumps(stand.options())],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    local = str(tmp_path / "local")
-    _merge([write_recipe(tmp_path / "l.yml", LINEAR.format(**folders)), local, *SHARDING], stand)
-    got = _objects(fs, "out/procs")
-    _assert_same_weights(got, local)
+    _assert_same_weights(_objects(fs, "out/procs"), local_merges["linear"])
 
 
-def test_killed_upload_leaves_no_complete_output_then_resumes(stand, s3_family, tmp_path):
+def test_killed_upload_leaves_no_complete_output_then_resumes(stand, s3_family, local_merges, tmp_path):
     folders, urls, fs = s3_family
     _bucket(stand, "resume")
     recipe = write_recipe(tmp_path / "r.yml", TIES.format(**urls))
@@ -288,14 +296,13 @@ def test_killed_upload_leaves_no_complete_output_then_resumes(stand, s3_family, 
     stand.reset_counts()
     _merge([recipe, "s3://resume/merged", *SHARDING, "--resume"], stand)
     assert client.list_multipart_uploads(Bucket="resume").get("Uploads", []) == []
-    local = str(tmp_path / "local")
-    _merge([write_recipe(tmp_path / "l.yml", TIES.format(**folders)), local, *SHARDING], stand)
     got = _objects(fs, "resume/merged")
     assert "DMERGE_UNFINISHED" not in got and ".dmerge-run.json" not in got
-    _assert_same_weights(got, local)
+    _assert_same_weights(got, local_merges["ties"])
 
 
-def test_resume_keeps_the_shards_completed_before_the_interruption(stand, s3_family, tmp_path, monkeypatch):
+def test_resume_keeps_the_shards_completed_before_the_interruption(stand, s3_family, local_merges, tmp_path,
+                                                                  monkeypatch):
     """Stopped while completing the uploads (after the first shard's), --resume neither
     uploads that shard again nor loses it."""
     from click.testing import CliRunner
@@ -328,10 +335,7 @@ def test_resume_keeps_the_shards_completed_before_the_interruption(stand, s3_fam
     _merge([recipe, "s3://completing/m", *SHARDING, "--resume"], stand)
     assert stand.requests.get("PUT part", 0) == 0  # every part was there: nothing uploaded again
     assert _uploads(stand, "completing") == []
-    local = str(tmp_path / "local")
-    _merge([write_recipe(tmp_path / "l.yml", LINEAR.format(**folders)), local, *SHARDING], stand)
-    got = _objects(fs, "completing/m")
-    _assert_same_weights(got, local)
+    _assert_same_weights(_objects(fs, "completing/m"), local_merges["linear"])
 
 
 def test_storage_options_from_a_yaml_file(stand, s3_family, tmp_path):
