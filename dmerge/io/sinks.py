@@ -43,12 +43,11 @@ class LocalShard:
         """Copy ``nbytes`` of the local file ``src`` into place without passing them
         through this process; returns their CRC-32 as written, or None where the
         kernel cannot (the caller then reads and writes)."""
-        offset = rows_offset(tensor, row_start)
-        if not copy_range(src, src_offset, self.path, offset, nbytes):
+        if not copy_range(src, src_offset, self.path, rows_offset(tensor, row_start), nbytes):
             return None
         # checksummed where they landed (the page cache, just written): the journal
         # holds what the shard holds
-        return checksum_range(self.path, offset, nbytes)
+        return self.checksum(tensor, row_start, nbytes)
 
     def checksum(self, tensor, row_start: int, nbytes: int) -> int:
         """CRC-32 of ``nbytes`` written from row ``row_start`` of ``tensor`` (read back)."""
