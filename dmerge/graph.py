@@ -128,27 +128,24 @@ def build_graph(plan, sinks, run_id: str,
     index, TensorPlan) -> sink`` for outputs that give each tensor its own (a zarr array
     per tensor)."""
     # the task functions import torch: only a run needs them, not planning
-    from dmerge.tasks import ChunkJob, merge_chunk, write_computed
+    from dmerge.tasks import merge_chunk, write_computed
 
     sink_of = sinks if callable(sinks) else (lambda ti, tp: sinks[tp.shard])
     names = key_names(run_id)
     dsk: dict = {}
     outputs: list[tuple] = []
-    part_keys, reports = _computations(dsk, names, plan, {ti for ti, tp in enumerate(plan.tensors)
-                                                         if any((ti, c) not in done for c in range(tp.n_chunks))})
-    for ti, tp in enumerate(plan.tensors):
-        todo = [c for c in range(tp.n_chunks) if (ti, c) not in done]
-        if not todo:
-            continue
+    todo_of = {ti: todo for ti, tp in enumerate(plan.tensors)
+               if (todo := [c for c in range(tp.n_chunks) if (ti, c) not in done])}
+    part_keys, reports = _computations(dsk, names, plan, set(todo_of))
+    for ti, todo in todo_of.items():
+        tp = plan.tensors[ti]
+        jobs = _chunk_jobs(plan, tp, sink_of(ti, tp))
         if tp.computed is not None:
             for c in todo:
-                r0, r1 = tp.chunk_rows(c)
-                job = ChunkJob(tp, r0, r1, sink=sink_of(ti, tp), allow_nan=plan.allow_nan)
                 key = (names["write"], ti, c)
-                dsk[key] = (write_computed, job, part_keys[tp.computed.computation][tp.computed.part])
+                dsk[key] = (write_computed, jobs[c], part_keys[tp.computed.computation][tp.computed.part])
                 outputs.append(key)
             continue
-        jobs = _chunk_jobs(plan, tp, sink_of(ti, tp))
         stats_key, pad_key = _reductions(dsk, names, ti, tp, jobs)
         for c in todo:
             key = (names["write"], ti, c)
@@ -185,7 +182,7 @@ def build_part_graph(plan, parts: list, sinks: list, run_id: str,
     part number)`` with ``t`` its first tensor, which merges the part's write units in
     memory and uploads them. Parts in ``done`` ((shard, part number) pairs a resumed run
     finds uploaded) are left out, with the statistics only they needed."""
-    from dmerge.tasks import ChunkJob, PartJob, upload_part
+    from dmerge.tasks import PartJob, upload_part
 
     names = key_names(run_id)
     dsk: dict = {}
@@ -197,13 +194,9 @@ def build_part_graph(plan, parts: list, sinks: list, run_id: str,
     reductions: dict[int, tuple] = {}
     for ti in needed:
         tp = plan.tensors[ti]
-        if tp.computed is not None:  # written from its computation's values
-            jobs[ti] = [ChunkJob(tp, *tp.chunk_rows(c), sink=None, allow_nan=plan.allow_nan)
-                        for c in range(tp.n_chunks)]
-            reductions[ti] = (None, None)
-            continue
         jobs[ti] = _chunk_jobs(plan, tp, None)  # the part task gives each job its buffer
-        reductions[ti] = _reductions(dsk, names, ti, tp, jobs[ti])
+        # a computed tensor is written from its computation's values
+        reductions[ti] = (None, None) if tp.computed is not None else _reductions(dsk, names, ti, tp, jobs[ti])
     reported: set[int] = set()
     for p in todo:
         members = []
