@@ -277,7 +277,8 @@ def check_worker_memory(plan: Plan, workers: list[WorkerMemory]) -> None:
 def run_id(plan: Plan, out_dir: str, fingerprint: str | None = None) -> str:
     """The run's identity in graph keys: the plan's fingerprint and where it writes."""
     fingerprint = fingerprint or plan.fingerprint()
-    return hashlib.sha256(f"{fingerprint} {os.path.abspath(out_dir)}".encode()).hexdigest()[:16]
+    place = out_dir if storage.is_url(out_dir) else os.path.abspath(out_dir)  # a URL is the same from any folder
+    return hashlib.sha256(f"{fingerprint} {place}".encode()).hexdigest()[:16]
 
 
 def run_plan(plan: Plan, out_dir: str, *, cluster: ClusterOptions | None = None, quiet: bool = False,
