@@ -155,6 +155,16 @@ def test_keys_are_run_scoped_and_stable(family, tmp_path):
     assert not a & keys(TIES.format(**family), "out-b")
     assert not a & keys(TIES.format(**family).replace("0.7", "0.6"), "out-a")
 
+    # an output URL names the same place from any working folder
+    plan = build_plan(load_recipe(TIES.format(**family), is_text=True))
+    here = run_id(plan, "s3://bucket/out")
+    previous = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert run_id(plan, "s3://bucket/out") == here
+    finally:
+        os.chdir(previous)
+
 
 def test_two_merges_at_once_on_one_scheduler(family, tmp_path):
     """Two different merges (two `dmerge run` processes) started together on one
