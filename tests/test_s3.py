@@ -352,3 +352,15 @@ def test_storage_options_from_a_yaml_file(stand, s3_family, tmp_path):
     assert "output tensors" in result.output
     bad = CliRunner().invoke(main, ["plan", str(tmp_path / "r.yml"), "--storage-options", str(tmp_path / "none.yml")])
     assert bad.exit_code == 1 and "cannot read" in bad.output
+
+
+def test_storage_options_for_a_backend_not_installed_is_one_line(tmp_path, family):
+    from click.testing import CliRunner
+
+    from dmerge.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yml", LINEAR.format(ft1=family["ft1"], ft2=family["ft2"]))
+    result = CliRunner().invoke(main, ["run", recipe, "nosuchscheme://x/y", "--storage-options", '{"key": "k"}'])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --storage-options for nosuchscheme://"), result.output

@@ -187,7 +187,10 @@ def configure(options: dict[str, dict]) -> None:
     if not options:
         return
     for protocol, kwargs in options.items():
-        impl = fsspec.get_filesystem_class(protocol)
+        try:
+            impl = fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as e:  # not installed, or no such protocol
+            raise DMergeError(f"--storage-options for {protocol}://: {str(e).strip().splitlines()[0]}") from None
         for name in impl.protocol if isinstance(impl.protocol, (tuple, list)) else (impl.protocol,):
             fsspec.config.conf.setdefault(name, {}).update(kwargs)
         impl.clear_instance_cache()
